@@ -3,8 +3,10 @@ The networks of the paper and the table of blocks that surgical fine-tuning tune
 
 ResNet-26 (CIFAR): pre-activation, GroupNorm with 8 groups, parameter-free shortcuts, widths 16/32/64, as in the
 test-time-training code the paper's CIFAR checkpoint comes from (PROTOCOL section 1). 366,938 parameters.
+ResNet-50 (ImageNet family, PROTOCOL section 8): torchvision's, BatchNorm, 25,557,032 parameters.
 
-    python model.py            # print the block table with parameter counts
+    python model.py                    # print the block table with parameter counts
+    python model.py --arch resnet50    # the same for ResNet-50 (no download: the counts need no weights)
 """
 import argparse
 import os
@@ -19,9 +21,19 @@ CKPT_VERSION = 1
 # the authors' code; the final norm trains only under "all". Values are parameter-name prefixes.
 BLOCKS = {
     "resnet26": {"layer1": ("conv1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",), "fc": ("fc.",)},
+    "resnet50": {"layer1": ("conv1.", "bn1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",),
+                 "layer4": ("layer4.",), "fc": ("fc.",)},
 }
-# The forward pass as a chain of stages, so a frozen prefix can be computed once and cached (finetune.py).
-STAGES = ("conv1", "layer1", "layer2", "layer3", "head")
+# The forward pass as a chain of stages, so a frozen prefix can be computed once and cached (finetune.py); each
+# stage with the parameter-name prefixes it holds.
+STAGE_PARAMS = {
+    "resnet26": {"conv1": ("conv1.",), "layer1": ("layer1.",), "layer2": ("layer2.",), "layer3": ("layer3.",),
+                 "head": ("norm.", "fc.")},
+    "resnet50": {"conv1": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",), "layer3": ("layer3.",),
+                 "layer4": ("layer4.",), "head": ("fc.",)},
+}
+STAGES = tuple(STAGE_PARAMS["resnet26"])
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights expect these
 
 
 class Shortcut(nn.Module):
@@ -55,6 +67,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet26(nn.Module):
+    arch, stages = "resnet26", STAGES
+
     def __init__(self, num_classes=10, n=4, widths=(16, 32, 64)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -78,29 +92,76 @@ class ResNet26(nn.Module):
             return self.fc(F.relu(self.norm(x)).mean((2, 3)))
         return getattr(self, name)(x)
 
-    def forward(self, x, start=0, stop=len(STAGES)):
+    def forward(self, x, start=0, stop=None):
         """Run stages[start:stop]. x: uint8 (N,3,32,32) images when start == 0, else that stage's input."""
-        for name in STAGES[start:stop]:
+        for name in self.stages[start:stop]:
             x = self.stage(name, x)
         return x
 
 
-ARCHS = {"resnet26": ResNet26}
+def imagenet_weights():
+    """torchvision's IMAGENET1K_V1 ResNet-50 weights (76.1% top-1; those of the paper's time, before torchvision's
+    V2 recipe), downloaded once into torch's hub cache."""
+    from torchvision.models import ResNet50_Weights
+    try:
+        return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as e:  # offline, proxy, disk full...
+        raise SystemExit(f"error: could not fetch torchvision's ImageNet ResNet-50 weights ({type(e).__name__}); go "
+                         f"online once (they are cached under ~/.cache/torch/hub) or pass --weights none (random init)")
 
 
-def build_model(arch="resnet26", num_classes=10):
-    return ARCHS[arch](num_classes=num_classes)
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 (v1.5, BatchNorm) with its parameter names, so its ImageNet weights load as they are.
+    weights "imagenet": those weights, then a new fc when num_classes != 1000; None: random init (tests, or a
+    checkpoint about to be loaded). layers / width (torchvision's width_per_group): smaller nets of the same shape
+    and names, for tests. BatchNorm is the reason finetune.py keeps the model in eval mode by default (--bn)."""
+    arch, stages = "resnet50", tuple(STAGE_PARAMS["resnet50"])
+
+    def __init__(self, num_classes=1000, weights=None, layers=(3, 4, 6, 3), width=64):
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, ResNet
+        net = ResNet(Bottleneck, list(layers), width_per_group=width)
+        if weights == "imagenet":
+            net.load_state_dict(imagenet_weights())
+        for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"):  # same names, same weights
+            setattr(self, name, getattr(net, name))
+        if num_classes != self.fc.out_features:
+            self.fc = nn.Linear(self.fc.in_features, num_classes)
+        # uint8 in, normalised here as torchvision's weights expect; not saved in checkpoints (constants)
+        self.register_buffer("mean", 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def stage(self, name, x):
+        if name == "conv1":  # the stem: conv 7x7/2, norm, ReLU, max-pool 3x3/2 (224 px -> 56)
+            x = (x.float() - self.mean) / self.std if x.dtype == torch.uint8 else x
+            return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        if name == "head":
+            return self.fc(x.mean((2, 3)))
+        return getattr(self, name)(x)
+
+    forward = ResNet26.forward
 
 
-def block_params(model, arch="resnet26"):
-    """Tune name -> list of parameter names, for every block of the table plus "all"."""
+ARCHS = {"resnet26": ResNet26, "resnet50": ResNet50}
+
+
+def build_model(arch="resnet26", num_classes=10, weights=None):
+    """weights: None (random init) or "imagenet" (ResNet-50 only)."""
+    if weights and arch != "resnet50":
+        raise SystemExit(f"error: --weights {weights} exists for resnet50 only")
+    return ARCHS[arch](num_classes=num_classes, **({"weights": weights} if weights else {}))
+
+
+def block_params(model, arch=None):
+    """Tune name -> list of parameter names, for every block of the table plus "all" (arch: model.arch)."""
+    arch = arch or model.arch
     names = [n for n, _ in model.named_parameters()]
     groups = {b: [n for n in names if n.startswith(prefixes)] for b, prefixes in BLOCKS[arch].items()}
     groups["all"] = names
     return groups
 
 
-def resolve_tune(model, tune, arch="resnet26"):
+def resolve_tune(model, tune, arch=None):
     """Which parameters train for a --tune value: a block name, "all", "none", or a comma list of name prefixes
     (for forks: e.g. "layer2.0.,fc."). Returns the parameter names; exits with one line if nothing matches."""
     groups = block_params(model, arch)
@@ -124,20 +185,21 @@ def freeze_except(model, names):
     return [p for n, p in model.named_parameters() if n in names]
 
 
-def first_stage(names):
-    """Index of the first stage that holds a tuned parameter: stages before it are frozen and stateless,
-    so their output can be computed once and cached."""
-    for i, s in enumerate(STAGES):
-        prefixes = ("norm.", "fc.") if s == "head" else (s + ".",)
+def first_stage(names, arch="resnet26"):
+    """Index of the first stage that holds a tuned parameter: stages before it are frozen (and, in eval mode,
+    stateless), so their output can be computed once and cached."""
+    for i, prefixes in enumerate(STAGE_PARAMS[arch].values()):
         if any(n.startswith(prefixes) for n in names):
             return i
-    return len(STAGES)
+    return len(STAGE_PARAMS[arch])
 
 
-def block_table(model, arch="resnet26"):
+def block_table(model, arch=None):
+    arch = arch or model.arch
     rows = [(b, sum(p.numel() for n, p in model.named_parameters() if n in set(ns)))
             for b, ns in block_params(model, arch).items()]
-    return "\n".join(f"{b:8s} {c:>10,d}  {' '.join(BLOCKS[arch].get(b, ('(every parameter)',)))}" for b, c in rows)
+    return "\n".join(f"{b:8s} {c:>10,d}  {' '.join(BLOCKS[arch].get(b, ('(every parameter, total)',)))}"
+                     for b, c in rows)
 
 
 # -----------------------------------------------------------------------------
@@ -177,9 +239,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = build_model(args.arch)
+    model = build_model(args.arch, 10 if args.arch == "resnet26" else 1000)
     print(block_table(model, args.arch))
-    print(f"{'norm':8s} {sum(p.numel() for p in model.norm.parameters()):>10,d}  (final norm, tuned only under all)")
+    if args.arch == "resnet26":
+        print(f"{'norm':8s} {sum(p.numel() for p in model.norm.parameters()):>10,d}  (final norm, tuned only under all)")
 
 
 if __name__ == "__main__":

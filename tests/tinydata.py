@@ -32,3 +32,11 @@ def narrow_resnet26(num_classes=10):
     on a CPU, same code paths. Tests patch it into model.ARCHS["resnet26"]."""
     import model
     return model.ResNet26(num_classes, n=2, widths=(8, 8, 16))
+
+
+def tiny_resnet50(num_classes=1000, weights=None):
+    """ResNet-50's shape and parameter names (stem, 4 bottleneck stages, fc; BatchNorm) with one unit per stage and
+    narrow bottlenecks: runs on a CPU in milliseconds. Tests patch it into model.ARCHS["resnet50"]."""
+    import model
+    assert weights is None, "tests never download weights"
+    return model.ResNet50(num_classes, layers=(1, 1, 1, 1), width=8)
