@@ -9,6 +9,8 @@ parameters), select lr and epoch on target validation, report target test accura
     python finetune.py --tune auto_rgn | auto_snr | l1           # the automatic methods, over every parameter
     python finetune.py --objective entropy --tune layer1         # unsupervised, the paper's label-free setting:
                                                                  # entropy minimisation on the unlabelled test stream
+    python finetune.py --data imagenet_c --imagenet_c_dir /data/imagenet-c --tune layer1   # ResNet-50, section 8:
+    python finetune.py --data living17 | entity30 | waterbirds | celeba --tune layer4       # the user's folders
 
 Per run: 3 lrs x 15 epochs on 1,000 target images (16 steps an epoch), val/test after every epoch. With the prefix
 cache, --tune fc trains the head on features computed once, so it takes seconds even on a CPU; --tune all or layer1
@@ -31,7 +33,11 @@ Result: one JSON per (data, corruption, tune, seed) in --out_dir, e.g. results/c
     selected                                  {"lr", "lambda", "epoch", "val_acc", "test_acc"}: best target-val
                                               accuracy over epochs 1..E, ties -> first seen (lr grid order, then epoch)
     test_acc, val_acc                         target accuracies (%) at the selection; tune none: epoch 0
-    source_acc, source_acc_before             clean CIFAR-10 test accuracy (%) of the selected model / the checkpoint
+    metric, test_avg_acc                      "accuracy", or for waterbirds / celeba "worst-group accuracy": then
+                                              *_acc are the worst group's (the paper's cells), test_avg_acc the mean of
+                                              the 4 group accuracies and history has val/test_avg_acc, test_group_acc
+    source_acc, source_acc_before             source-distribution test accuracy (%) of the selected model / the
+                                              checkpoint: clean CIFAR-10; BREEDS: the source subclasses; else null
     snr                                       auto_snr: {"threshold", "scores": {name: score}, "selected": [names]}
     seconds, torch, device                    wall time of the run, versions, hardware
 --objective entropy writes ...-s0-entropy.json with "objective": "entropy" added; its history is one entry {"lr",
@@ -57,36 +63,60 @@ import model as M
 import rgn
 import train as T
 
-BLOCK_TUNES = ("none", "layer1", "layer2", "layer3", "fc", "all")
+BLOCK_TUNES = ("none", "layer1", "layer2", "layer3", "layer4", "fc", "all")  # layer4: ResNet-50 only
 METHODS = ("auto_rgn", "auto_snr", "l1")  # automatic methods, each over every parameter
-LRS, FC_LRS = "1e-3,1e-4,1e-5", "1e-1,1e-2,1e-3"  # PROTOCOL section 5; the head alone takes larger steps
+FC_LRS = "1e-1,1e-2,1e-3"  # CIFAR: the head alone takes larger steps (PROTOCOL section 5)
+# The protocol per target (PROTOCOL sections 4, 5, 8): target-train images, val / test images per class (per group
+# for waterbirds and celeba; test 0 = the whole test split), epochs, lr grid, weight decay; flags override.
+# imagenet_c train_n None = 5 per class.
+PROTOCOL = {
+    "cifar_c": dict(train_n=1000, val=10, test=90, epochs=15, lrs="1e-3,1e-4,1e-5", wd=1e-4),
+    "cifar_flip": dict(train_n=1000, val=10, test=90, epochs=15, lrs="1e-3,1e-4,1e-5", wd=1e-4),
+    "imagenet_c": dict(train_n=None, val=10, test=10, epochs=10, lrs="1e-3,1e-4,1e-5", wd=1e-4),
+    "living17": dict(train_n=850, val=10, test=0, epochs=15, lrs="5e-4,1e-4,1e-5", wd=0.0),
+    "entity30": dict(train_n=850, val=10, test=0, epochs=15, lrs="5e-4,1e-4,1e-5", wd=0.0),
+    "waterbirds": dict(train_n=400, val=30, test=0, epochs=100, lrs="5e-3,1e-3,5e-4", wd=1e-4),
+    "celeba": dict(train_n=400, val=30, test=0, epochs=50, lrs="1e-3,5e-4,1e-4", wd=1e-4),
+}
+
+
+def arch_of(data_name):
+    return "resnet26" if data_name.startswith("cifar") else "resnet50"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("target data (PROTOCOL section 4)")
-    g.add_argument("--data", default="cifar_c", choices=["cifar_c", "cifar_flip"])
-    g.add_argument("--corruption", default="paper14", help="cifar_c: one name, a comma list, paper14 or all19")
+    g.add_argument("--data", default="cifar_c", choices=list(PROTOCOL))
+    g.add_argument("--corruption", default=None, help="cifar_c: one name, a comma list, paper14 (default) or all19; "
+                   "imagenet_c: one name, a comma list, paper15 (default) or all19")
     g.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     g.add_argument("--corruption_seed", type=int, default=0, help="seed of the corruptions' randomness")
-    g.add_argument("--train_n", type=int, default=1000, help="target training images (balanced over 10 classes)")
-    g.add_argument("--val_per_class", type=int, default=10)
-    g.add_argument("--test_per_class", type=int, default=90)
+    g.add_argument("--train_n", type=int, default=None, help="target training images, balanced over classes (groups "
+                   "for waterbirds, celeba); default per --data: PROTOCOL above")
+    g.add_argument("--val_per_class", type=int, default=None, help="per group for waterbirds and celeba")
+    g.add_argument("--test_per_class", type=int, default=None, help="per group for waterbirds and celeba; 0 = all")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the per-class shuffle; fixed across --seed, "
                    "so every seed is tested on the same images (the paper's No-Adaptation std is 0)")
     g.add_argument("--cifar10c_dir", default="", help="read cifar_c images from the official CIFAR-10-C release "
                    "in this folder instead of generating them (its images replace the pool: a source without holdout)")
     g.add_argument("--data_dir", default="data", help="folder holding (or to receive) cifar-10-batches-py")
     g.add_argument("--cache_dir", default="data/cache", help="where decoded and corrupted tensors are cached")
+    T.add_folder_args(g)
     g = p.add_argument_group("fine-tuning (PROTOCOL section 5)")
     g.add_argument("--tune", default="layer1", help=f"one of {', '.join(BLOCK_TUNES + METHODS)}, or a comma list "
                    "of blocks / parameter-name prefixes, e.g. layer2.0.,fc.")
-    g.add_argument("--lrs", default="", help=f"comma list of Adam lrs (default {LRS}; {FC_LRS} when only fc trains)")
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--lrs", default="", help=f"comma list of Adam lrs (default per --data; CIFAR: {FC_LRS} when "
+                   "only fc trains)")
+    g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=64)
-    g.add_argument("--wd", type=float, default=1e-4, help="coupled L2 weight decay (torch.optim.Adam's)")
+    g.add_argument("--wd", type=float, default=None, help="coupled L2 weight decay (torch.optim.Adam's)")
     g.add_argument("--no_prefix_cache", action="store_true",
                    help="run the frozen stages before the first tuned one every step instead of once (same result)")
+    g.add_argument("--prefix_cache_gb", type=float, default=16, help="memory the cached activations may take; "
+                   "splits are cached in the order train, val, test while they fit, the rest run whole")
+    g.add_argument("--bn", default="eval", choices=["eval", "train"], help="ResNet-50's BatchNorm while tuning: eval "
+                   "(running statistics kept, so the prefix cache is exact) or train (batch statistics; no cache)")
     g = p.add_argument_group("automatic methods (PROTOCOL section 6)")
     g.add_argument("--rgn_keep_state", action="store_true", help="auto_rgn: keep Adam's moments across epochs")
     g.add_argument("--rgn_include_norm", action="store_true", help="auto_rgn: measure and train norm layers too")
@@ -112,7 +142,10 @@ def parse_args(argv=None):
     g.add_argument("--memo", type=int, default=0, help="N > 0: minimise the entropy of each image's mean prediction "
                    "over N random crop+flip copies (MEMO-style, not its AugMix); 0: per-image entropy (TENT)")
     g = p.add_argument_group("run")
-    g.add_argument("--ckpt", default="ckpt/source.pt", help="source checkpoint; trained first (train.py) if missing")
+    g.add_argument("--ckpt", default=None, help="source checkpoint, trained first (train.py) if missing; default "
+                   "ckpt/source.pt (CIFAR), ckpt/<data>.pt, imagenet_c: imagenet = torchvision's ImageNet model")
+    g.add_argument("--weights", default="imagenet", choices=["imagenet", "none"], help="--ckpt imagenet, and a "
+                   "ResNet-50 trained here: torchvision's ImageNet weights or none (random init, for tests)")
     g.add_argument("--seed", type=int, default=0, help="batch order and anything else random in fine-tuning")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--out_dir", default="results", help="one JSON per run, written atomically")
@@ -121,20 +154,27 @@ def parse_args(argv=None):
                    "images for the target pool (an existing checkpoint's own value is always used)")
     g.add_argument("--source_args", default="", help="extra train.py flags for a source model trained here")
     args = p.parse_args(argv)
+    proto = PROTOCOL[args.data]  # flags not given take the protocol's values
+    for flag, key in (("train_n", "train_n"), ("val_per_class", "val"), ("test_per_class", "test"),
+                      ("epochs", "epochs"), ("wd", "wd")):
+        setattr(args, flag, proto[key] if getattr(args, flag) is None else getattr(args, flag))
+    args.corruption = args.corruption or {"cifar_c": "paper14", "imagenet_c": "paper15"}.get(args.data, "clean")
+    args.ckpt = args.ckpt or {"cifar_c": "ckpt/source.pt", "cifar_flip": "ckpt/source.pt",
+                              "imagenet_c": "imagenet"}.get(args.data, f"ckpt/{args.data}.pt")
     try:
         args.lr_list = [float(v) for v in args.lrs.split(",") if v]
         args.lambda_list = [float(v) for v in args.l1_lambdas.split(",") if v]
     except ValueError:
         raise SystemExit(f"error: --lrs {args.lrs!r} / --l1_lambdas {args.l1_lambdas!r} are not comma lists of numbers")
-    if args.epochs < 1 or args.batch_size < 1 or args.train_n < 1 or args.snr_n < 2:
+    if args.epochs < 1 or args.batch_size < 1 or (args.train_n or 1) < 1 or args.snr_n < 2:
         raise SystemExit("error: --epochs, --batch_size and --train_n must be positive, --snr_n at least 2")
     if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.memo < 0
                                         or min(args.ent_steps, args.ent_batch_size) < 1):
         raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --memo >= 0 and a "
                          "--tune other than auto_snr / l1 (they score or select with labels)")
-    if args.data == "cifar_c":
-        data.parse_corruptions(args.corruption)  # one line for an unknown name
-    tune_names(M.build_model(), args.tune)  # fail on a bad --tune now, before any checkpoint is trained
+    if args.data in ("cifar_c", "imagenet_c"):  # one line for an unknown name
+        (data.parse_corruptions if args.data == "cifar_c" else data.parse_imagenet_c)(args.corruption)
+    tune_names(M.build_model(arch_of(args.data)), args.tune)  # fail on a bad --tune now, before any training
     return args
 
 
@@ -158,13 +198,16 @@ def tune_names(model, tune):
 def lr_grid(args, names):
     if args.lr_list:
         return args.lr_list
-    return [float(v) for v in (FC_LRS if names and all(n.startswith("fc.") for n in names) else LRS).split(",")]
+    fc = names and all(n.startswith("fc.") for n in names) and args.data.startswith("cifar")
+    return [float(v) for v in (FC_LRS if fc else PROTOCOL[args.data]["lrs"]).split(",")]
 
 
-def cache_stage(names, args):
+def cache_stage(names, args, arch="resnet26"):
     """How many leading stages are frozen and computed once: up to the first tuned one (0: no cache; none
-    evaluates once, so caching would only add the training split's forward pass)."""
-    return 0 if args.no_prefix_cache or not names else M.first_stage(names)
+    evaluates once, so caching would only add the training split's forward pass; BatchNorm in train mode makes
+    the frozen stages' output depend on the batch)."""
+    bn_train = args.bn == "train" and arch == "resnet50"
+    return 0 if args.no_prefix_cache or not names or bn_train else M.first_stage(names, arch)
 
 
 @torch.no_grad()
@@ -178,13 +221,28 @@ def prefix(model, x, stop, chunk=1000):
         return torch.cat([model(xb, start=0, stop=stop) for xb in x.split(chunk)])
 
 
+@torch.no_grad()
+def measure(model, split, start=0):
+    """{"acc", "loss"} of a split (x, y) or (x, y, groups). With groups (waterbirds, celeba) acc is the worst
+    group's accuracy, the paper's metric there, plus "avg_acc" (mean of the group accuracies: the accuracy on the
+    group-balanced target distribution) and "group_acc" (per group id, ascending)."""
+    x, y, g = (*split, None)[:3]
+    hit, loss = T.hits(model, x, y, start=start)
+    if g is None:
+        return {"acc": hit.float().mean().item() * 100, "loss": loss}
+    acc = [hit[g == k].float().mean().item() * 100 for k in g.unique().tolist()]
+    return {"acc": min(acc), "loss": loss, "avg_acc": sum(acc) / len(acc), "group_acc": acc}
+
+
 def finetune(model, names, splits, lr, args, start=0, l1_lambda=0.0, log=print):
     """Train the named parameters of model (in place) with Adam at lr for args.epochs, evaluating target val and
-    test before training and after every epoch. splits: {"train"|"val"|"test": (x, y)} on the device, x being
-    the input of stage `start` (images when 0, cached activations otherwise). tune auto_rgn: rgn.AutoRGN over names;
-    l1_lambda > 0: loss + l1_lambda * sum|theta - theta_source|. Returns (history entry, {name: tensor} at the
-    first epoch >= 1 with the best val accuracy, the one select() would take from this lr)."""
-    dev, (xtr, ytr) = splits["train"][0].device, splits["train"]
+    test before training and after every epoch. splits: {"train"|"val"|"test": (x, y) or (x, y, groups)} on the
+    device, x being the input of stage start[split] (images when 0, cached activations otherwise; an int: the same
+    for every split). tune auto_rgn: rgn.AutoRGN over names; l1_lambda > 0: loss + l1_lambda * sum|theta -
+    theta_source|. Returns (history entry, {name: tensor} at the first epoch >= 1 with the best val accuracy, the
+    one select() would take from this lr)."""
+    start = start if isinstance(start, dict) else dict.fromkeys(splits, start)
+    dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batch order for every lr
     params = M.freeze_except(model, names)
@@ -206,26 +264,29 @@ def finetune(model, names, splits, lr, args, start=0, l1_lambda=0.0, log=print):
     for epoch in range(epochs + 1):
         tot, seen = 0.0, 0
         if epoch:  # epoch 0 is the source model
-            model.train()  # no dropout or batch norm in ResNet-26: same as eval, said for forks that add some
+            model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
             for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
                 with T.autocast(dev):
-                    loss = F.cross_entropy(model(xb, start=start).float(), yb)
+                    loss = F.cross_entropy(model(xb, start=start["train"]).float(), yb)
                 reg = l1_lambda * sum((p - p0).abs().sum() for p, p0 in zip(params, src)) if src else 0.0
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 tot, seen = tot + loss.item() * len(yb), seen + len(yb)
-        va, vl = T.evaluate(model, *splits["val"], start=start)
-        ta, tl = T.evaluate(model, *splits["test"], start=start)
+        v, t = measure(model, splits["val"], start["val"]), measure(model, splits["test"], start["test"])
+        va, ta = v["acc"], t["acc"]
         hist["epochs"].append({"epoch": epoch, "train_loss": tot / seen if seen else None, "val_acc": va,
-                               "val_loss": vl, "test_acc": ta, "test_loss": tl, "seconds": time.time() - t0})
+                               "val_loss": v["loss"], "test_acc": ta, "test_loss": t["loss"],
+                               **({"val_avg_acc": v["avg_acc"], "test_avg_acc": t["avg_acc"],
+                                   "test_group_acc": t["group_acc"]} if "avg_acc" in t else {}),
+                               "seconds": time.time() - t0})
         if epoch and va > best_val:  # strictly better: ties keep the earlier epoch, as select() does
             best_val, best = va, {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
         loss_s = f"{tot / seen:.4f}" if seen else "  -   "
         log(f"{tag} | epoch {epoch:2d}/{epochs} | loss {loss_s} | val {va:5.1f}% | test {ta:5.1f}% | "
             f"{T.fmt_time(time.time() - t0)}")
         if epoch and "rgn" in hist:
-            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS["resnet26"]))
+            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
             log("    rgn multipliers: " + " ".join(f"{b} {m:.3f}" for b, m in hist["rgn"][-1].items()))
     return hist, best
 
@@ -238,14 +299,33 @@ def select(history, min_epoch=1):
         for e in h["epochs"]:
             if e["epoch"] >= min_epoch and (sel is None or e["val_acc"] > sel["val_acc"]):
                 sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"],
-                       "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
+                       "val_acc": e["val_acc"], "test_acc": e["test_acc"],
+                       **({"test_avg_acc": e["test_avg_acc"]} if "test_avg_acc" in e else {})}
     return sel
+
+
+def cached_splits(source, target, k, args, log=print):
+    """{split: (stage-k activations or the images, y[, groups])} and {split: its start stage}: the prefix of the
+    frozen stages computed once per split, in the order train, val, test while --prefix_cache_gb lasts (a ResNet-50
+    layer1 output is 1.6 MB an image in bf16: 25,000 ImageNet-C images would take 40 GB)."""
+    budget, out, starts = args.prefix_cache_gb * 2 ** 30, {}, {}
+    for s, (x, *rest) in target.items():
+        one = prefix(source, x[:1], k) if k else x[:1]
+        need = one.numel() * one.element_size() * len(x)
+        starts[s] = k if k and need <= budget else 0
+        budget -= need if starts[s] else 0
+        out[s] = (prefix(source, x, starts[s]), *rest)
+    if k and min(starts.values()) == 0:
+        log(f"prefix cache: {', '.join(s for s in starts if not starts[s])} over --prefix_cache_gb "
+            f"{args.prefix_cache_gb:g}: run whole every epoch")
+    return out, starts
 
 
 def run(args, source, target, clean, corruption, source_acc_before, log=print):
     """One (data, corruption, tune, seed): the lr (x lambda) grid, selection on target val, the result JSON.
-    target: {"train"|"val"|"test": (x uint8 images, y)} on the device; clean: the clean test split (source acc)."""
-    t0, dev = time.time(), clean[0].device
+    target: {"train"|"val"|"test": (x uint8 images, y[, groups])} on the device; clean: the source-distribution
+    test split (x, y) for the source accuracy kept (clean CIFAR-10), or None."""
+    t0, dev = time.time(), target["train"][0].device
     names, snr = tune_names(source, args.tune), None
     if args.tune == "auto_snr":  # score every tensor on a seeded subset of the target training images
         x, y = target["train"]
@@ -255,8 +335,8 @@ def run(args, source, target, clean, corruption, source_acc_before, log=print):
         snr = {"threshold": args.snr_threshold, "scores": scores, "selected": names}
         log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above {args.snr_threshold}: "
             + ", ".join(sorted({n.split(".")[0] for n in names})))
-    k = cache_stage(names, args)
-    splits = {s: (prefix(source, x, k), y) for s, (x, y) in target.items()}
+    k = cache_stage(names, args, source.arch)
+    splits, starts = cached_splits(source, target, k, args, log)
     lambdas = args.lambda_list if args.tune == "l1" else [0.0]
     grid = [(lr, lam) for lam in lambdas for lr in lr_grid(args, names)] if names else [(None, 0.0)]
     trained = names  # auto_rgn trains all but the norms it freezes (rgn.AutoRGN, as the reference does)
@@ -264,10 +344,10 @@ def run(args, source, target, clean, corruption, source_acc_before, log=print):
         trained = [n for n in names if n not in rgn.norm_param_names(source)]
     n_params = sum(p.numel() for n, p in source.named_parameters() if n in set(trained))
     log(f"tune {args.tune}: {len(trained)} tensors, {n_params:,d} parameters; prefix cache: "
-        + (f"stages {', '.join(M.STAGES[:k])} computed once" if k else "none"))
+        + (f"stages {', '.join(source.stages[:k])} computed once" if k else "none"))
     history, states = [], []
     for lr, lam in grid:
-        h, best = finetune(copy.deepcopy(source), names, splits, lr, args, start=k, l1_lambda=lam, log=log)
+        h, best = finetune(copy.deepcopy(source), names, splits, lr, args, start=starts, l1_lambda=lam, log=log)
         history.append(h)
         states.append(best)
     sel = select(history, min_epoch=1 if names else 0)
@@ -275,20 +355,26 @@ def run(args, source, target, clean, corruption, source_acc_before, log=print):
     with torch.no_grad():  # the selected model = the source with the tuned tensors at their selected values
         for n, p in tuned.named_parameters():
             p.copy_(states[sel["run"]].get(n, p))
-    source_acc = T.evaluate(tuned, *clean)[0] if names else source_acc_before
-    res = {"data": args.data, "corruption": corruption, "severity": args.severity if args.data == "cifar_c" else None,
+    source_acc = T.evaluate(tuned, *clean)[0] if names and clean else source_acc_before
+    grouped = "test_avg_acc" in sel
+    res = {"data": args.data, "corruption": corruption, "severity": args.severity if "_c" in args.data else None,
            "tune": args.tune, "seed": args.seed, "args": {k_: v for k_, v in vars(args).items() if "_list" not in k_},
            "trained": {"tensors": len(trained), "params": n_params, "names": trained},
-           "prefix_stage": k, "history": history, "selected": {k_: v for k_, v in sel.items() if k_ != "run"},
+           "prefix_stage": k, "history": history,
+           "selected": {k_: v for k_, v in sel.items() if k_ != "run"},
            "test_acc": sel["test_acc"], "val_acc": sel["val_acc"], "source_acc": source_acc,
+           "metric": "worst-group accuracy" if grouped else "accuracy", "test_avg_acc": sel.get("test_avg_acc"),
            "source_acc_before": source_acc_before, "snr": snr, "seconds": time.time() - t0,
            "torch": str(torch.__version__), "device": T.device_name(dev)}
     path = save_result(res, args, corruption)
     at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names else "the source model"
     at += f", lambda {sel['lambda']:g}" if sel["lambda"] is not None else ""
-    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed}: test {res['test_acc']:.2f}% "
-        f"(val {res['val_acc']:.1f}% at {at}; no adaptation {history[0]['epochs'][0]['test_acc']:.2f}%) | "
-        f"clean {source_acc:.2f}% (source {source_acc_before:.2f}%) | {T.fmt_time(res['seconds'])} -> {path}")
+    worst = f"{'worst-group ' if grouped else ''}test {res['test_acc']:.2f}%" + (
+        f" (average {res['test_avg_acc']:.2f}%)" if grouped else "")
+    kept = f"source test {source_acc:.2f}% (before {source_acc_before:.2f}%)" if clean else "no source test split"
+    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed}: {worst} (val {res['val_acc']:.1f}% at "
+        f"{at}; no adaptation {history[0]['epochs'][0]['test_acc']:.2f}%) | {kept} | {T.fmt_time(res['seconds'])} "
+        f"-> {path}")
     return res
 
 
@@ -351,7 +437,7 @@ def adapt_stream(model, names, x, args, start=0, log=print):
         if not args.episodic:  # scored before any update on this batch
             pred, ent = predict(model, xb, start)
         for _ in range(args.ent_steps if names else 0):
-            model.train()
+            model.train(args.bn == "train")  # TENT proper on a BatchNorm net: --bn train (batch statistics)
             xa = torch.cat([data.crop_flip(xb, generator=g) for _ in range(args.memo)]) if args.memo else xb
             with T.autocast(x.device):
                 loss = entropy(model(xa, start=start), args.memo)
@@ -370,20 +456,20 @@ def run_entropy(args, source, target, clean, corruption, source_acc_before, log=
     """run() for --objective entropy: the stream is the target test split in a --seed order; the labels are read
     once, after the stream, to score its predictions. JSON as run()'s plus "objective"; history holds the stream,
     val_acc and the selected epoch are null, source_acc is the clean accuracy of the model the stream left."""
-    t0, dev = time.time(), clean[0].device
+    t0, dev = time.time(), target["test"][0].device
     names = tune_names(source, args.tune)
     frozen = rgn.norm_param_names(source) if args.tune == "auto_rgn" and not args.rgn_include_norm else set()
     trained = [n for n in names if n not in frozen]
-    k = 0 if args.memo else cache_stage(names, args)  # augmentations need images
-    x, y = target["test"]
+    k = 0 if args.memo else cache_stage(names, args, source.arch)  # augmentations need images
+    x, y = target["test"][:2]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed)).to(dev)
     net = copy.deepcopy(source)
     preds, stream = adapt_stream(net, names, prefix(source, x[order], k), args, start=k, log=log)
     hit = (preds == y[order]).float() * 100  # the scoring
     for b, h in zip(stream, hit.split(args.ent_batch_size)):
         b["acc"] = h.mean().item()
-    acc, source_acc = hit.mean().item(), T.evaluate(net, *clean)[0] if names else source_acc_before
-    res = {"data": args.data, "corruption": corruption, "severity": args.severity if args.data == "cifar_c" else None,
+    acc, source_acc = hit.mean().item(), T.evaluate(net, *clean)[0] if names and clean else source_acc_before
+    res = {"data": args.data, "corruption": corruption, "severity": args.severity if "_c" in args.data else None,
            "tune": args.tune, "seed": args.seed, "objective": "entropy",
            "args": {k_: v for k_, v in vars(args).items() if "_list" not in k_},
            "trained": {"tensors": len(trained), "params": sum(p.numel() for n, p in source.named_parameters()
@@ -391,74 +477,123 @@ def run_entropy(args, source, target, clean, corruption, source_acc_before, log=
            "prefix_stage": k, "history": [{"lr": args.ent_lr, "lambda": None, "stream": stream}],
            "selected": {"lr": args.ent_lr, "lambda": None, "epoch": None, "val_acc": None, "test_acc": acc},
            "test_acc": acc, "val_acc": None, "source_acc": source_acc, "source_acc_before": source_acc_before,
+           "metric": "accuracy", "test_avg_acc": None,
            "snr": None, "seconds": time.time() - t0, "torch": str(torch.__version__), "device": T.device_name(dev)}
     path = save_result(res, args, corruption)
-    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed} entropy: stream {acc:.2f}% | clean "
-        f"{source_acc:.2f}% (source {source_acc_before:.2f}%) | {T.fmt_time(res['seconds'])} -> {path}")
+    kept = f"source test {source_acc:.2f}% (before {source_acc_before:.2f}%)" if clean else "no source test split"
+    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed} entropy: stream {acc:.2f}% | {kept} | "
+        f"{T.fmt_time(res['seconds'])} -> {path}")
     return res
 
 
 def load_source(args, dev):
-    """The checkpoint, or (missing) a source model trained here with train.py's code and saved there."""
+    """The source model in eval mode on dev, and the holdout it was trained with: torchvision's ImageNet ResNet-50
+    (--ckpt imagenet), the checkpoint, or (missing) a source model trained here with train.py and saved there."""
+    if args.ckpt == "imagenet":
+        net = M.build_model("resnet50", 1000, None if args.weights == "none" else "imagenet")
+        return T.prepare(net, dev).eval(), 0
     if not os.path.exists(args.ckpt):
+        family = [] if args.data.startswith("cifar") else [
+            "--data", args.data, "--weights", args.weights, "--image_size", str(args.image_size),
+            *[v for f in ("imagenet_dir", "breeds_dir", "waterbirds_dir", "celeba_dir") for v in (f"--{f}",
+                                                                                                getattr(args, f))]]
         targv = ["--data_dir", args.data_dir, "--cache_dir", args.cache_dir, "--device", args.device,
                  "--holdout", str(args.holdout), "--out", args.ckpt, *(["--small"] if args.small else []),
-                 *shlex.split(args.source_args)]
+                 *family, *shlex.split(args.source_args)]
         print(f"no checkpoint at {args.ckpt}: training a source model first: python train.py {shlex.join(targv)}")
         targs = T.parse_args(targv)
         net, metrics = T.train(targs)
         M.save_checkpoint(args.ckpt, net, targs.arch, targs, metrics)
     source, ckpt = M.load_checkpoint(args.ckpt, dev)
+    if ckpt["arch"] != arch_of(args.data):
+        raise SystemExit(f"error: {args.ckpt} holds a {ckpt['arch']}; --data {args.data} needs a "
+                         f"{arch_of(args.data)} source (python train.py --data ... --out another path)")
     holdout = int(ckpt["args"].get("holdout") or 0)
     if args.holdout and args.holdout != holdout:
         print(f"note: --holdout {args.holdout} ignored; {args.ckpt} was trained with holdout {holdout}")
     return T.prepare(source, dev).eval(), holdout
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    corruptions = ["clean"] if args.data == "cifar_flip" else list(data.parse_corruptions(args.corruption))
-    missing = [c for c in corruptions if args.data == "cifar_c" and not args.cifar10c_dir and c not in data.CORRUPTIONS]
-    if missing:
-        raise SystemExit(f"error: corruption {', '.join(missing)} is not implemented in data.CORRUPTIONS yet")
-    dev = T.get_device(args.device)
-    source, holdout = load_source(args, dev)
+def cifar_targets(args, corruptions, holdout, dev):
+    """Yields (corruption, {"train"|"val"|"test": (x, y)} on dev, the clean test split on dev), printing the
+    data protocol first (PROTOCOL section 4)."""
     d = data.load_cifar10(args.data_dir, args.cache_dir)
     _, pool = data.source_and_pool(d, holdout)
     idx = data.target_split(pool[1], args.train_n, args.val_per_class, args.test_per_class, args.split_seed)
-    clean = tuple(t.to(dev) for t in d["test"])
-    names = tune_names(source, args.tune)
     print(f"protocol: {args.data}, " + (f"corruption {args.corruption} ({len(corruptions)}), severity "
           f"{args.severity}, " + (f"read from {args.cifar10c_dir}" if args.cifar10c_dir else f"generated here "
           f"(seed {args.corruption_seed})") if args.data == "cifar_c" else "labels y -> 9-y")
           + f"; target pool {len(pool[1]):,d} images (test split + {holdout} held-out training images)")
     print(f"  split (seed {args.split_seed}): train {args.train_n} ({args.train_n // 10}/class), val "
           f"{args.val_per_class}/class, test {args.test_per_class}/class; the same for every corruption and tune")
-    if args.objective == "entropy":
-        print(f"  unsupervised: the test split as a stream (order: seed {args.seed}), no label read; batches of "
-              f"{args.ent_batch_size}, " + ("each adapted from the source, then predicted" if args.episodic else
-              "each predicted, then adapted on (continual)") + f"; {args.ent_steps} Adam step(s) at lr "
-              f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.memo} crop+flip copies" if args.memo
-              else "prediction entropy") + f", device {dev.type}")
-    else:
-        print(f"  Adam, lr in {{{', '.join(f'{v:g}' for v in lr_grid(args, names))}}}"
-              + (f" x lambda in {{{args.l1_lambdas}}}" if args.tune == "l1" else "") + f", wd {args.wd:g} (coupled), "
-              f"batch {args.batch_size}, {args.epochs} epochs, no augmentation, seed {args.seed}, device {dev.type}")
-        print(f"  selection: best target-val accuracy over epochs 1..{args.epochs} of every lr, ties -> first seen; "
-              f"report target-test accuracy there")
-    source_acc_before = T.evaluate(source, *clean)[0]
-    print(f"source: {args.ckpt}, clean test accuracy {source_acc_before:.2f}%")
-    results = []
+    clean = tuple(t.to(dev) for t in d["test"])
     for c in corruptions:
         xs, ys = data.shifted_pool(pool, args.data if args.data == "cifar_flip" else c, args.severity,
                                    args.corruption_seed, args.cache_dir, dev, release_dir=args.cifar10c_dir or None)
-        target = {s: (xs[i].to(dev), ys[i].to(dev)) for s, i in idx.items()}
-        results.append((run_entropy if args.objective == "entropy" else run)(args, source, target, clean, c,
+        yield c, {s: (xs[i].to(dev), ys[i].to(dev)) for s, i in idx.items()}, clean
+
+
+def family_targets(args, corruptions, num_classes, dev):
+    """cifar_targets() for the ImageNet family (PROTOCOL section 8), from the user's folders (data.family_target);
+    target splits of waterbirds / celeba carry their group ids as a third tensor."""
+    root, info = T.family_root(args, args.data)
+    for i, c in enumerate(corruptions):
+        t = data.family_target(args.data, root, info, c if args.data == "imagenet_c" else None, args.severity,
+                               args.train_n, args.val_per_class, args.test_per_class, args.split_seed,
+                               args.image_size, args.cache_dir)
+        if t["num_classes"] != num_classes:
+            raise SystemExit(f"error: {root} has {t['num_classes']} classes but the source model has {num_classes} "
+                             f"outputs; " + ("--ckpt imagenet needs all 1000 ImageNet classes" if args.ckpt ==
+                                             "imagenet" else f"retrain it on this data (delete {args.ckpt})"))
+        groups = t["groups"] or {}
+        if i == 0:
+            per = "group (4 groups: label x spurious attribute)" if groups else "class"
+            print(f"protocol: {args.data} from {root}" + (f", corruption {args.corruption} ({len(corruptions)}), "
+                  f"severity {args.severity}" if args.data == "imagenet_c" else "") + f", {t['num_classes']} "
+                  f"classes, {args.image_size} px; split (seed {args.split_seed}) per {per}: "
+                  + ", ".join(f"{s} {t[s][1].numel():,d}" for s in ("train", "val", "test"))
+                  + ("; metric: worst-group accuracy (the paper's cells), average also reported" if groups else ""))
+        yield c, {s: tuple(v.to(dev) for v in (*t[s], *([groups[s]] if s in groups else [])))
+                  for s in ("train", "val", "test")}, t["source_test"] and tuple(v.to(dev) for v in t["source_test"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    corruptions = (data.parse_corruptions(args.corruption) if args.data == "cifar_c" else
+                   data.parse_imagenet_c(args.corruption) if args.data == "imagenet_c" else ["clean"])
+    missing = [c for c in corruptions if args.data == "cifar_c" and not args.cifar10c_dir and c not in data.CORRUPTIONS]
+    if missing:
+        raise SystemExit(f"error: corruption {', '.join(missing)} is not implemented in data.CORRUPTIONS yet")
+    dev = T.get_device(args.device)
+    source, holdout = load_source(args, dev)
+    names = tune_names(source, args.tune)
+    targets = (cifar_targets(args, corruptions, holdout, dev) if args.data.startswith("cifar") else
+               family_targets(args, corruptions, source.fc.out_features, dev))
+    results, clean, source_acc_before = [], None, None
+    for i, (c, target, clean_c) in enumerate(targets):
+        if i == 0 and args.objective == "entropy":
+            print(f"  unsupervised: the test split as a stream (order: seed {args.seed}), no label read; batches of "
+                  f"{args.ent_batch_size}, " + ("each adapted from the source, then predicted" if args.episodic else
+                  "each predicted, then adapted on (continual)") + f"; {args.ent_steps} Adam step(s) at lr "
+                  f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.memo} crop+flip copies" if args.memo
+                  else "prediction entropy") + f", BatchNorm {args.bn} mode, device {dev.type}")
+        elif i == 0:
+            print(f"  Adam, lr in {{{', '.join(f'{v:g}' for v in lr_grid(args, names))}}}"
+                  + (f" x lambda in {{{args.l1_lambdas}}}" if args.tune == "l1" else "") + f", wd {args.wd:g} "
+                  f"(coupled), batch {args.batch_size}, {args.epochs} epochs, no augmentation, seed {args.seed}, "
+                  f"BatchNorm {args.bn} mode, device {dev.type}")
+            print(f"  selection: best target-val accuracy over epochs 1..{args.epochs} of every lr, ties -> first "
+                  f"seen; report target-test accuracy there")
+        if clean_c is not None and clean_c is not clean:  # the source accuracy, once per source test split
+            clean, source_acc_before = clean_c, T.evaluate(source, *clean_c)[0]
+            print(f"source: {args.ckpt}, source test accuracy {source_acc_before:.2f}%")
+        results.append((run_entropy if args.objective == "entropy" else run)(args, source, target, clean_c, c,
                                                                              source_acc_before))
     if len(results) > 1:
-        mean = {k: sum(r[k] for r in results) / len(results) for k in ("test_acc", "source_acc")}
-        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: test {mean['test_acc']:.2f}% "
-              f"| clean {mean['source_acc']:.2f}%")
+        mean = sum(r["test_acc"] for r in results) / len(results)
+        kept = [r["source_acc"] for r in results if r["source_acc"] is not None]
+        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: test {mean:.2f}%"
+              + (f" | source test {sum(kept) / len(kept):.2f}%" if kept else ""))
     return results
 
 

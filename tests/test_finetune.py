@@ -16,7 +16,8 @@ from tinydata import make_images, write_cifar, narrow_resnet26
 
 QUIET = dict(log=lambda s: None)
 KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
-        "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device"}
+        "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
+        "test_avg_acc"}
 
 
 def tiny_args(*extra):
@@ -102,16 +103,16 @@ def test_prefix_cache_matches_plain_path(source, spec):
 def test_kept_state_is_the_selected_epoch(source, monkeypatch):
     # Scripted val accuracies (epochs 0..4): the best, 50, comes first at epoch 2, then ties and drops. The state
     # finetune() keeps must be the model after epoch 2 exactly, not the last or a later tie.
-    vals, evaluate = iter([90, 30, 50, 50, 40]), T.evaluate
+    vals, measure = iter([90, 30, 50, 50, 40]), FT.measure
 
-    def scripted(model, x, y, batch_size=1000, start=0):
-        acc, loss = evaluate(model, x, y, batch_size, start)
-        return (next(vals), loss) if x is scripted.val else (acc, loss)
+    def scripted(model, split, start=0):
+        m = measure(model, split, start)
+        return {**m, "acc": next(vals)} if split[0] is scripted.val else m
     names = FT.tune_names(source, "fc")
     k = M.first_stage(names)
     splits = {s: (FT.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     scripted.val = splits["val"][0]
-    monkeypatch.setattr(T, "evaluate", scripted)
+    monkeypatch.setattr(FT, "measure", scripted)
     h, best = FT.finetune(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k, **QUIET)
     assert [e["val_acc"] for e in h["epochs"]] == [90, 30, 50, 50, 40] and FT.select([h])["epoch"] == 2
     monkeypatch.undo()
@@ -124,14 +125,17 @@ def test_kept_state_is_the_selected_epoch(source, monkeypatch):
 def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     # Two lrs with scripted val accuracies: lr 0.1 at epoch 1 wins (60). The clean accuracy must be measured on
     # that model, and the JSON must say so.
-    vals, evaluate, clean_fc = iter([10, 60, 40, 10, 50, 55]), T.evaluate, []
+    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), T.evaluate, FT.measure, []
 
-    def scripted(model, x, y, batch_size=1000, start=0):
-        if len(x) == 20:  # the clean split: remember which head it saw
-            clean_fc.append(model.fc.weight.detach().clone())
-        acc, loss = evaluate(model, x, y, batch_size, start)
-        return (next(vals), loss) if len(x) == 12 else (acc, loss)
-    monkeypatch.setattr(T, "evaluate", scripted)
+    def scripted_clean(model, x, y, batch_size=1000, start=0):  # the clean split: remember which head it saw
+        clean_fc.append(model.fc.weight.detach().clone())
+        return evaluate(model, x, y, batch_size, start)
+
+    def scripted_val(model, split, start=0):
+        m = measure(model, split, start)
+        return {**m, "acc": next(vals)} if len(split[0]) == 12 else m
+    monkeypatch.setattr(T, "evaluate", scripted_clean)
+    monkeypatch.setattr(FT, "measure", scripted_val)
     target, clean = tiny_splits(n_val=12), tiny_splits(n_train=0, n_val=0, n_test=20)["test"]
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
     res = FT.run(args, source, target, clean, "clean", 0.0, **QUIET)
