@@ -4,11 +4,13 @@ Speed numbers for the README, one function per benchmark, on the current device.
     python bench.py                                    # every benchmark at the paper's sizes
     python bench.py --what finetune                    # seconds per fine-tuning run, per --tune, prefix cache on/off
     python bench.py --what finetune --train_n 200 --val_n 20 --test_n 180     # a quick look on a CPU
+    python bench.py --what finetune --data imagenet_c  # ResNet-50, 224 px: 5,000 train, 10,000 val + 10,000 test
     python bench.py --what corruptions --threads 1 --data_dir ../shared/data/cifar10-sample   # CIFAR-10-C speed
 
 finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) and test (900) evaluated
 after every epoch and before the first, as finetune.py does it; random uint8 images, so no data on disk. The prefix
-cache computes the frozen stages once; without it every step runs them. Acceptance: --tune fc with the cache at
+cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data imagenet_c:
+the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init. Acceptance: --tune fc with the cache at
 least 10x faster than --tune all. The quick look, on this project's shared 2-core CPU with OMP_NUM_THREADS=1, took
 2.7 minutes: fc 1.1 s with the cache (14.2 s without) vs all 27.3 s, 24x; layer3 7.8 s (17.9), layer2 14.3 s (20.2),
 layer1 23.4 s, auto_rgn 26.9 s. The full sizes take about 5x longer there (~13 minutes).
@@ -28,18 +30,22 @@ import finetune as FT
 import model as M
 import train as T
 
-TUNES = "none,layer1,layer2,layer3,fc,all,auto_rgn"
+TUNES = {"cifar_c": "none,layer1,layer2,layer3,fc,all,auto_rgn", "imagenet_c": "layer1,layer4,fc,all"}
+# (train, val, test images, epochs, image size, classes) of one run
+SIZES = {"cifar_c": (1000, 100, 900, 15, 32, 10), "imagenet_c": (5000, 10000, 10000, 10, 224, 1000)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="all", choices=["all", "finetune", "corruptions"], help="which benchmark(s)")
     g = p.add_argument_group("finetune")
-    g.add_argument("--tunes", default=TUNES, help="comma list of --tune values to time")
-    g.add_argument("--train_n", type=int, default=1000)
-    g.add_argument("--val_n", type=int, default=100)
-    g.add_argument("--test_n", type=int, default=900)
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--data", default="cifar_c", choices=list(SIZES), help="sizes and network of the run")
+    g.add_argument("--tunes", default="", help="comma list of --tune values to time (default per --data)")
+    g.add_argument("--train_n", type=int, default=None)
+    g.add_argument("--val_n", type=int, default=None)
+    g.add_argument("--test_n", type=int, default=None)
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--image_size", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=64)
     g = p.add_argument_group("corruptions")
     g.add_argument("--data_dir", default="", help="folder with cifar-10-batches-py: time on its test images")
@@ -48,7 +54,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tunes = args.tunes or TUNES[args.data]
+    for k, v in zip(("train_n", "val_n", "test_n", "epochs", "image_size", "num_classes"), SIZES[args.data]):
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
+    return args
 
 
 def _sync(dev):
@@ -58,14 +68,14 @@ def _sync(dev):
 
 def time_finetune(source, tune, splits, args, dev, cache):
     """Seconds for one finetune.py run of one lr: the prefix (when cached) + the epochs + the evaluations."""
-    fargs = FT.parse_args(["--tune", tune, "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
-                           "--seed", str(args.seed), "--device", dev.type])
+    fargs = FT.parse_args(["--data", args.data, "--tune", tune, "--epochs", str(args.epochs), "--batch_size",
+                           str(args.batch_size), "--seed", str(args.seed), "--device", dev.type])
     names = FT.tune_names(source, tune)
     _sync(dev)
     t0 = time.time()
-    k = FT.cache_stage(names, fargs) if cache else 0
-    cached = {s: (FT.prefix(source, x, k), y) for s, (x, y) in splits.items()}
-    FT.finetune(copy.deepcopy(source), names, cached, 1e-3, fargs, start=k, log=lambda s: None)
+    k = FT.cache_stage(names, fargs, source.arch) if cache else 0
+    cached, starts = FT.cached_splits(source, splits, k, fargs)
+    FT.finetune(copy.deepcopy(source), names, cached, 1e-3, fargs, start=starts, log=lambda s: None)
     _sync(dev)
     return time.time() - t0, k, names
 
@@ -73,20 +83,21 @@ def time_finetune(source, tune, splits, args, dev, cache):
 def bench_finetune(args, dev):
     """Table of seconds per fine-tuning run for every --tune, with and without the prefix cache."""
     torch.manual_seed(args.seed)
-    source = T.prepare(M.build_model(), dev).eval()
-    g = torch.Generator().manual_seed(args.seed)
-    splits = {s: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev),
-                  torch.randint(0, 10, (n,), generator=g).to(dev))
+    source = T.prepare(M.build_model(FT.arch_of(args.data), args.num_classes), dev).eval()
+    g, px = torch.Generator().manual_seed(args.seed), args.image_size
+    splits = {s: (torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g).to(dev),
+                  torch.randint(0, args.num_classes, (n,), generator=g).to(dev))
               for s, n in (("train", args.train_n), ("val", args.val_n), ("test", args.test_n))}
     warm = {s: (x[:args.batch_size], y[:args.batch_size]) for s, (x, y) in splits.items()}
     time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)  # warm-up
-    print(f"fine-tuning, one lr: {args.epochs} epochs on {args.train_n} images (batch {args.batch_size}), val "
-          f"{args.val_n} + test {args.test_n} evaluated {args.epochs + 1} times; {T.device_name(dev)}")
+    print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px (batch "
+          f"{args.batch_size}), val {args.val_n} + test {args.test_n} evaluated {args.epochs + 1} times; "
+          f"{T.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s} {'speedup':>8s}")
     rows = {}
     for tune in args.tunes.split(","):
         off, _, names = time_finetune(source, tune, splits, args, dev, cache=False)
-        k = FT.cache_stage(names, FT.parse_args(["--tune", tune]))
+        k = FT.cache_stage(names, FT.parse_args(["--data", args.data, "--tune", tune]), source.arch)
         on = time_finetune(source, tune, splits, args, dev, cache=True)[0] if k else off  # k = 0: the same path
         rows[tune] = {"off": off, "on": on, "stages": k}
         n = sum(p.numel() for nm, p in source.named_parameters() if nm in set(names))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's table (PROTOCOL section 7): train the source model if $CKPT is missing, run finetune.py once per
 # (dataset, corruption, method, seed) whose result JSON is missing, then table.py -> $RESULTS/table.md.
-#   bash sweep.sh                  # 2 datasets x (14 corruptions | clean) x 9 methods x 3 seeds = 405 runs
+#   bash sweep.sh                  # CIFAR: 2 datasets x (14 corruptions | clean) x 9 methods x 3 seeds = 405 runs;
+#                                  # each ImageNet-family column too when its folder is there ("no data: X" if not)
 #   JOBS=8 bash sweep.sh           # 8 runs at once; worker slot i runs on visible GPU i mod (number of GPUs)
 #   SMALL=1 DATA_DIR=../shared/data/cifar10-sample bash sweep.sh   # all of it at CPU scale: 11 min, 2 busy cores
 #   bash sweep.sh --list           # the pending runs, one a line: result path <TAB> finetune.py flags
@@ -30,12 +31,16 @@ small() { if [ "${SMALL:-0}" = 1 ]; then echo "$1"; else echo "$2"; fi; }  # the
 DATA_DIR=${DATA_DIR:-data}                                     # holds cifar-10-batches-py (downloaded if missing)
 CACHE=${CACHE:-data/cache}                                     # decoded CIFAR-10, corrupted pools: made once
 RESULTS=${RESULTS:-$(small results/small results)}             # one JSON per run, logs/, table.md
-CKPT=${CKPT:-$(small ckpt/source_small.pt ckpt/source.pt)}     # the source model, trained first if missing
+CKPT=${CKPT:-$(small ckpt/source_small.pt ckpt/source.pt)}     # the CIFAR source model, trained first if missing
+FAMILY_CKPT=${FAMILY_CKPT:-ckpt}                               # <dir>/<data>.pt: ImageNet-family source models
+IMAGENET_C_DIR=${IMAGENET_C_DIR:-data/imagenet-c} IMAGENET_DIR=${IMAGENET_DIR:-data/imagenet}  # the family's folders
+BREEDS_DIR=${BREEDS_DIR:-data/breeds} WATERBIRDS_DIR=${WATERBIRDS_DIR:-data/waterbird_complete95_forest2water2}
+CELEBA_DIR=${CELEBA_DIR:-data} IN_CORRUPTIONS=${IN_CORRUPTIONS:-paper15}  # ImageNet-C: paper15, all19 or names
 TRAIN_ARGS=${TRAIN_ARGS-$(small "--small --epochs 10 --holdout 1017" "")}  # train.py flags (sample: 1017)
 SEEDS=${SEEDS:-$(small "0 1" "0 1 2")}
 CORRUPTIONS=${CORRUPTIONS:-$(small gaussian_noise paper14)}    # names (space or comma list), paper14 or all19
 METHODS=${METHODS:-none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn}
-DATASETS=${DATASETS:-cifar_c cifar_flip}
+DATASETS=${DATASETS:-cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba}
 EXTRA=${EXTRA-$(small "--train_n 100 --val_per_class 5 --test_per_class 20 --epochs 2 --l1_lambdas 1e-4" "")}  # flags
 DEVICE=${DEVICE:-auto}
 JOBS=${JOBS:-$(small "$(nproc)" 1)}                            # runs at once (--slurm: array tasks at once)
@@ -43,32 +48,47 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 1 ? $(nproc) / J
 MODE=${1:-run} && exec 3>&1 && { [ "$MODE" != --list ] || exec 3>&2; }  # news to stderr when stdout is the list
 for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS EXTRA DEVICE JOBS \
   OMP_NUM_THREADS; do echo "$v=\"${!v:-}\""; done >&3
-case $CORRUPTIONS in paper14|all19)  # the names, from data.py
-  CORRUPTIONS=$(cd "$HERE" && python -c "import data; print(*data.${CORRUPTIONS^^})");; esac
-COMMON=$(printf -- '--ckpt %q --data_dir %q --cache_dir %q --out_dir %q --device %q ' "$CKPT" "$DATA_DIR" "$CACHE" \
-  "$RESULTS" "$DEVICE")$EXTRA
+names() { cd "$HERE" && python -c "import data, sys; print(*getattr(data, sys.argv[1])(sys.argv[2]))" "$1" "${2// /,}"; }
+CORRUPTIONS=$(names parse_corruptions "$CORRUPTIONS") && IN_CORRUPTIONS=$(names parse_imagenet_c "$IN_CORRUPTIONS")
+FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
+  "$BREEDS_DIR" "$WATERBIRDS_DIR" "$CELEBA_DIR")  # train.py's and finetune.py's flags for the family's folders
+COMMON=$(printf -- '--data_dir %q --cache_dir %q --out_dir %q --device %q --imagenet_c_dir %q ' "$DATA_DIR" "$CACHE" \
+  "$RESULTS" "$DEVICE" "$IMAGENET_C_DIR")$FOLDERS$EXTRA
+have() { case $1 in cifar_*) ;; imagenet_c) [ -d "$IMAGENET_C_DIR" ];; waterbirds) [ -f "$WATERBIRDS_DIR/metadata.csv" ];;
+  living17|entity30) [ -d "$IMAGENET_DIR/train" ] && [ -f "$BREEDS_DIR/class_hierarchy.txt" ];;
+  celeba) [ -f "$CELEBA_DIR/celeba/list_attr_celeba.txt" ];; *) false;; esac; }  # is a dataset's folder there?
+ckpt() { case $1 in cifar_*) echo "$CKPT";; imagenet_c) echo imagenet;; *) echo "$FAMILY_CKPT/$1.pt";; esac; }
 runs() {  # the run list: pending runs (all with $1 = all); seeds outermost, so a part-done sweep has whole seeds.
-  for s in $SEEDS; do for d in $DATASETS; do  # ImageNet-family datasets: finetune.py has no --data for them yet
-    case $d in cifar_c) cs=${CORRUPTIONS//,/ };; cifar_flip) cs=clean;; *) echo "no data: $d" >&3; continue;; esac
-    for c in $cs; do for t in $METHODS; do
+  for s in $SEEDS; do for d in $DATASETS; do
+    have "$d" || { [ "$s" != "${SEEDS%% *}" ] || echo "no data: $d (README: The ImageNet family)" >&3; continue; }
+    case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs=clean;; esac
+    ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
+    for c in $cs; do for t in $ms; do
       out=$RESULTS/$d-$c-$t-s$s.json && { [ "${1:-}" = all ] || [ ! -f "$out" ]; } || continue
-      printf '%s\t--data %s %s--tune %s --seed %s %s\n' "$out" "$d" "$([ "$c" = clean ] || echo "--corruption $c ")" \
-        "$t" "$s" "$COMMON"
+      printf '%s\t--data %s %s--tune %s --seed %s --ckpt %q %s\n' "$out" "$d" "$([ "$c" = clean ] || echo \
+        "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$COMMON"
     done; done; done; done
 }
 mkdir -p "$RESULTS/logs" && find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -mmin +10 -delete  # killed runs' temps
 [ "$MODE" != --list ] || { runs; exit; }
-train=(python "$HERE/train.py" --data_dir "$DATA_DIR" --cache_dir "$CACHE" --device "$DEVICE" --out "$CKPT")
-read -ra targs <<< "$TRAIN_ARGS" && train+=(${targs[@]+"${targs[@]}"})
-if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; a missing source model is a job first
+sources() {  # one train.py command line per missing source model the run list needs (CIFAR's with $TRAIN_ARGS)
+  for d in $DATASETS; do case $d in imagenet_c) continue;; cifar_*) [ "$d" = cifar_c ] || [[ " $DATASETS " != \
+    *" cifar_c "* ]] || continue;; esac; have "$d" && [ ! -f "$(ckpt "$d")" ] || continue
+    printf 'python %q --data %s --cache_dir %q --device %q --out %q %s%s\n' "$HERE/train.py" \
+      "$(case $d in cifar_*) echo cifar10;; *) echo "$d";; esac)" "$CACHE" "$DEVICE" "$(ckpt "$d")" \
+      "$(case $d in cifar_*) printf -- '--data_dir %q %s' "$DATA_DIR" "$TRAIN_ARGS";; *) echo "$FOLDERS";; esac)"
+  done
+}
+if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missing source models are jobs first
   list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs > "$list" && n=$(wc -l < "$list") && per=${PER_TASK:-1}
-  dep=() && [ -f "$CKPT" ] || dep=(--dependency=afterok:$(sbatch --parsable --job-name=surgical-source \
-    --output="$RESULTS/logs/source-%j.out" --wrap "$(printf '%q ' "${train[@]}")"))
+  ids=() && while read -r cmd; do ids+=("$(sbatch --parsable --job-name=surgical-source \
+    --output="$RESULTS/logs/source-%j.out" --wrap "$cmd")"); done < <(sources)
+  dep=() && [ ${#ids[@]} = 0 ] || dep=(--dependency=afterok:$(IFS=:; echo "${ids[*]}"))
   [ "$n" = 0 ] || sbatch ${dep[@]+"${dep[@]}"} --array=1-$(( (n + per - 1) / per ))%"$JOBS" \
     --output="$RESULTS/logs/slurm-%A_%a.out" "$HERE/slurm/array.sbatch" "$HERE" "$list" "$per"
   echo "$n runs submitted; when they are done: python $HERE/table.py --results $RESULTS"; exit 0
 fi
-START=$(date +%s) && [ -f "$CKPT" ] || { echo "no source model at $CKPT: ${train[*]}"; "${train[@]}"; }
+START=$(date +%s) && while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done < <(sources)
 list=$(mktemp) && COUNT=$(mktemp) && trap 'rm -f "$list" "$COUNT"' EXIT && runs > "$list" && N=$(wc -l < "$list")
 echo "$N runs to do, $(( $(runs all 3>/dev/null | wc -l) - N )) already done in $RESULTS, $JOBS at once"
 GPUS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)}  # visible

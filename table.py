@@ -8,7 +8,7 @@ A cell is mean (std) over seeds of target-test accuracy (%). A seed's value in a
 (CIFAR-C, IN-C) is the mean over the corruptions present. std is the sample standard deviation (n - 1 divisor;
 the paper does not say which it used), "-" with one seed. Rows (finetune.py --tune): No Adaptation = none,
 Full Fine-Tuning = all, L1 Regularize = l1, Auto-SNR = auto_snr, Auto-RGN = auto_rgn; Cross-Val = for each
-(dataset, corruption, seed) the block among layer1/layer2/layer3/fc with the best val_acc (ties: that order),
+(dataset, corruption, seed) the block among layer1/layer2/layer3/(layer4)/fc with the best val_acc (ties: that order),
 at its test_acc. Per corruption, not per dataset: each corruption is its own target with its own validation split.
 Avg Rank: in each column with data, rank Full FT, L1, Auto-SNR and Auto-RGN by their means rounded as printed
 (1 = best, ties share the better rank), then average over the columns where the method has a value.
@@ -27,7 +27,8 @@ COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", 
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all", "L1 Regularize": "l1",
         "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn"}
 ROW_OF = {t: row for row, t in ROWS.items()}
-BLOCKS = ("layer1", "layer2", "layer3", "fc")  # Cross-Val's candidates, in tie-break order
+BLOCKS = ("layer1", "layer2", "layer3", "layer4", "fc")  # Cross-Val's candidates, in tie-break order (layer4:
+# ResNet-50's columns only)
 RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # the methods Avg Rank compares
 SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd", "lrs")
 
@@ -122,10 +123,14 @@ def render(res, notes, folder):
         picks = ", ".join(f"{b} x{n}" for b, n in sorted(s["picks"][col].items(), key=lambda x: BLOCKS.index(x[0])))
         lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): {', '.join(cs)}; "
                      f"Cross-Val picked {picks or 'nothing'}")
-    for key in SAME:  # results of different protocols in one folder would be averaged together: say so
-        seen = sorted({repr(r.get("args", {}).get(key)) for r in res.values()})
-        if len(seen) > 1:
-            notes.append(f"results differ in {key}: {', '.join(seen)}")
+    if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):
+        lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), selected on "
+                     "worst-group val accuracy; each result's test_avg_acc holds the average over the 4 groups.")
+    for key in SAME:  # results of different protocols in one column would be averaged together: say so
+        for col, data in COLUMNS.items():
+            seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items() if k[0] == data})
+            if len(seen) > 1:
+                notes.append(f"{col} results differ in {key}: {', '.join(seen)}")
     lines += [f"- warning: {n}" for n in notes]
     data_cols = [c for c in cols if c in s["grid"]]
     lines += ["", "## Each block relative to full fine-tuning (the paper's Figure 2 as numbers)", "",
@@ -137,7 +142,7 @@ def render(res, notes, folder):
     return "\n".join(lines + unsupervised(res)) + "\n"
 
 
-UNSUP_TUNES = ("none", "layer1", "layer2", "layer3", "fc", "all", "auto_rgn")  # its rows (then any other tune)
+UNSUP_TUNES = ("none", "layer1", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")  # its rows (then any other tune)
 UNSUP_NAMED = ("gaussian_noise", "jpeg_compression", "motion_blur")  # its columns after the mean, when present
 
 
