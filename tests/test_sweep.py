@@ -135,3 +135,22 @@ def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
     for gpu in "01":  # at most two at once on each GPU: count overlaps at every start
         spans = [(float(a), float(b)) for g, a, b in runs if g == gpu]
         assert max(sum(a <= s < b for a, b in spans) for s, _ in spans) <= 2
+
+
+def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
+    """A Waterbirds folder present, CelebA and ImageNet-C absent: waterbirds runs (with layer4, ResNet-50's fourth
+    block, and its own source checkpoint) are listed, the others say "no data"."""
+    from fakefolders import make_waterbirds
+    make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
+    fam = {**env, "DATASETS": "cifar_c waterbirds celeba imagenet_c", "WATERBIRDS_DIR": str(tmp_path / "wb"),
+           "CELEBA_DIR": str(tmp_path / "none"), "IMAGENET_C_DIR": str(tmp_path / "none"),
+           "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1"}
+    listed = sweep(fam, "--list")
+    assert listed.returncode == 0, listed.stderr
+    names = [os.path.basename(ln.split("\t")[0]) for ln in listed.stdout.splitlines()]
+    assert names == [f"{d}-{t}-s{s}.json" for s in (0, 1) for d, ts in (("cifar_c-gaussian_noise", ("layer3", "fc")),
+                     ("waterbirds-clean", ("layer3", "layer4", "fc"))) for t in ts]
+    wb = [ln for ln in listed.stdout.splitlines() if "waterbirds-clean-fc-s0" in ln][0]
+    assert f"--data waterbirds --tune fc --seed 0 --ckpt {tmp_path / 'ck' / 'waterbirds.pt'}" in wb
+    assert f"--waterbirds_dir {tmp_path / 'wb'}" in wb
+    assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
