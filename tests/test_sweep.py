@@ -144,7 +144,7 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
     make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
     fam = {**env, "DATASETS": "cifar_c waterbirds celeba imagenet_c", "WATERBIRDS_DIR": str(tmp_path / "wb"),
            "CELEBA_DIR": str(tmp_path / "none"), "IMAGENET_C_DIR": str(tmp_path / "none"),
-           "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1"}
+           "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1", "RESULTS": str(tmp_path / "r")}
     listed = sweep(fam, "--list")
     assert listed.returncode == 0, listed.stderr
     names = [os.path.basename(ln.split("\t")[0]) for ln in listed.stdout.splitlines()]
