@@ -47,7 +47,8 @@ JOBS=${JOBS:-$(small "$(nproc)" 1)}                            # runs at once (-
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))}  # CPU threads a run
 MODE=${1:-run} && exec 3>&1 && { [ "$MODE" != --list ] || exec 3>&2; }  # news to stderr when stdout is the list
 for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS EXTRA DEVICE JOBS \
-  OMP_NUM_THREADS; do echo "$v=\"${!v:-}\""; done >&3
+  OMP_NUM_THREADS FAMILY_CKPT IMAGENET_C_DIR IMAGENET_DIR BREEDS_DIR WATERBIRDS_DIR CELEBA_DIR IN_CORRUPTIONS; do
+  echo "$v=\"${!v:-}\""; done >&3
 names() { cd "$HERE" && python -c "import data, sys; print(*getattr(data, sys.argv[1])(sys.argv[2]))" "$1" "${2// /,}"; }
 CORRUPTIONS=$(names parse_corruptions "$CORRUPTIONS") && IN_CORRUPTIONS=$(names parse_imagenet_c "$IN_CORRUPTIONS")
 FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
