@@ -117,14 +117,19 @@ PAPER14 = ("frost", "gaussian_blur", "gaussian_noise", "glass_blur", "impulse_no
 ALL19 = tuple(sorted(PAPER14 + ("brightness", "contrast", "defocus_blur", "elastic_transform", "fog")))
 
 
-def parse_corruptions(spec):
-    """'paper14', 'all19', one name or a comma list -> tuple of names; one clear line for an unknown name."""
-    names = {"paper14": PAPER14, "all19": ALL19}.get(spec) or tuple(n for n in spec.split(",") if n)
-    bad = [n for n in names if n not in ALL19]
+def _parse_names(spec, presets, valid, what):
+    """A preset name, one name or a comma list -> tuple of names; one clear line for an unknown name."""
+    names = presets.get(spec) or tuple(n for n in spec.split(",") if n)
+    bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise SystemExit(f"error: unknown corruption {','.join(bad) or spec!r}; valid: paper14, all19 or any of "
-                         f"{', '.join(ALL19)}")
+        raise SystemExit(f"error: unknown {what} {','.join(bad) or spec!r}; valid: {', '.join(presets)} or any of "
+                         f"{', '.join(valid)}")
     return names
+
+
+def parse_corruptions(spec):
+    """CIFAR-10-C: 'paper14', 'all19', one name or a comma list -> tuple of names."""
+    return _parse_names(spec, {"paper14": PAPER14, "all19": ALL19}, ALL19, "corruption")
 
 
 def corrupt(x, name, severity, seed=0, generator=None):
@@ -287,12 +292,7 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
 def parse_imagenet_c(spec):
     """'paper15' (the 15 standard types), 'all19' (and the 4 extra) or a comma list -> tuple of names."""
     valid = IMAGENET_C15 + IMAGENET_C_EXTRA
-    names = {"paper15": IMAGENET_C15, "all19": valid}.get(spec) or tuple(n for n in spec.split(",") if n)
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise SystemExit(f"error: unknown ImageNet-C corruption {','.join(bad) or spec!r}; valid: paper15, all19 "
-                         f"or any of {', '.join(valid)}")
-    return names
+    return _parse_names(spec, {"paper15": IMAGENET_C15, "all19": valid}, valid, "ImageNet-C corruption")
 
 
 def _class_images(folders_per_class):
