@@ -9,13 +9,14 @@ Speed numbers for the README, one function per benchmark, on the current device.
 
 finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) and test (900) evaluated
 after every epoch and before the first, as finetune.py does it; random uint8 images, so no data on disk. The prefix
-cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data imagenet_c:
-the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init. Acceptance (CIFAR
-only): --tune fc with the cache at least 10x faster than --tune all. The quick look, on a shared 2-core x86_64
-CPU with OMP_NUM_THREADS=1, took 2.7 minutes: fc 1.1 s with the cache (14.2 s without) vs all 27.3 s, 24x; layer3 7.8 s (17.9), layer2 14.3 s (20.2),
-layer1 23.4 s, auto_rgn 26.9 s. The full sizes take about 5x longer there (~13 minutes). --data imagenet_c cut to
-128 / 128 / 128 images and 2 epochs on that CPU: fc 37.6 s with the cache (95.7 s without), layer4 47.3 s (99.1 s),
-layer1 149.4 s, all 155.2 s; the full ImageNet-C size is a GPU job.
+cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data
+imagenet_c: the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init.
+Acceptance (CIFAR only): --tune fc with the cache at least 10x faster than --tune all. The quick look, on a shared
+2-core x86_64 CPU with OMP_NUM_THREADS=1, took 2.7 minutes: fc 1.1 s with the cache (14.2 s without) vs all 27.3 s,
+24x; layer3 7.8 s (17.9), layer2 14.3 s (20.2), layer1 23.4 s, auto_rgn 26.9 s. The full sizes take about 5x longer
+there (~13 minutes). --data imagenet_c cut to 128 / 128 / 128 images and 2 epochs on that CPU (OMP_NUM_THREADS=2):
+fc 37.6 s with the cache (95.7 s without), layer4 47.3 s (99.1 s), layer1 149.4 s, all 155.2 s; the full ImageNet-C
+size is a GPU job.
 
 corruptions: seconds to generate all 19 corruptions x 5 severities of --n_images test images (the sample's 1,017 with
 --data_dir, else random images), after a small warm-up call each (which builds the cached blur/zoom operators).
