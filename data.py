@@ -115,6 +115,10 @@ def batches(x, y, batch_size, shuffle=False, augment=False, generator=None, drop
 PAPER14 = ("frost", "gaussian_blur", "gaussian_noise", "glass_blur", "impulse_noise", "jpeg_compression", "motion_blur",
            "pixelate", "saturate", "shot_noise", "snow", "spatter", "speckle_noise", "zoom_blur")
 ALL19 = tuple(sorted(PAPER14 + ("brightness", "contrast", "defocus_blur", "elastic_transform", "fog")))
+# the 15 of Hendrycks & Dietterich (2019), the unsupervised table's (PROTOCOL section 9)
+STANDARD15 = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+              "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+              "jpeg_compression")
 
 
 def _parse_names(spec, presets, valid, what):
@@ -128,8 +132,9 @@ def _parse_names(spec, presets, valid, what):
 
 
 def parse_corruptions(spec):
-    """CIFAR-10-C: 'paper14', 'all19', one name or a comma list -> tuple of names."""
-    return _parse_names(spec, {"paper14": PAPER14, "all19": ALL19}, ALL19, "corruption")
+    """CIFAR-10-C: 'paper14' (the supervised table's), 'standard15' (the unsupervised table's: the 15 of Hendrycks &
+    Dietterich), 'all19', one name or a comma list -> tuple of names."""
+    return _parse_names(spec, {"paper14": PAPER14, "standard15": STANDARD15, "all19": ALL19}, ALL19, "corruption")
 
 
 def corrupt(x, name, severity, seed=0, generator=None):
@@ -229,9 +234,7 @@ def shifted_pool(pool, shift, severity=5, seed=0, cache_dir=None, device="cpu", 
 # the ImageNet family (PROTOCOL section 8): the user's folders in their standard layouts -> uint8 (N,3,size,size)
 # for ResNet-50 (normalised inside the model); target splits that depend on labels, groups and seed only
 
-IMAGENET_C15 = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-                "jpeg_compression")
+IMAGENET_C15 = STANDARD15  # ImageNet-C has the same 15 standard types
 IMAGENET_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # the release's 4 extra folders
 FAMILY = ("imagenet_c", "living17", "entity30", "waterbirds", "celeba")
 # imagenet_c: the release's 1000 wnid folders. The loaders return the count they find (fewer in a partial copy)

@@ -48,6 +48,7 @@ layer1/layer2/layer3/fc with the best val_acc, at its test_acc; Full Fine-Tuning
 """
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import memo as memo_
 import model as M
 import rgn
 import train as T
@@ -111,6 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=64)
     g.add_argument("--wd", type=float, default=None, help="coupled L2 weight decay (torch.optim.Adam's)")
+    g.add_argument("--test_every_epoch", action="store_true", help="score the test split after every epoch (for "
+                   "curves); by default only where val beats every earlier epoch, the only places selection can land")
     g.add_argument("--no_prefix_cache", action="store_true",
                    help="run the frozen stages before the first tuned one every step instead of once (same result)")
     g.add_argument("--prefix_cache_gb", type=float, default=16, help="memory the cached activations may take; "
@@ -118,18 +122,27 @@ def parse_args(argv=None):
     g.add_argument("--bn", default="eval", choices=["eval", "train"], help="ResNet-50's BatchNorm while tuning: eval "
                    "(running statistics kept, so the prefix cache is exact) or train (batch statistics; no cache)")
     g = p.add_argument_group("automatic methods (PROTOCOL section 6)")
+    g.add_argument("--rgn_measure", default="before", choices=["before", "train"], help="auto_rgn: before = the "
+                   "authors' (RGN on 5 extra batches at the epoch-start weights, then the epoch at those rates); "
+                   "train = on the epoch's first 5 training batches, which are also trained on")
     g.add_argument("--rgn_keep_state", action="store_true", help="auto_rgn: keep Adam's moments across epochs")
     g.add_argument("--rgn_include_norm", action="store_true", help="auto_rgn: measure and train norm layers too")
-    g.add_argument("--snr_threshold", type=float, default=0.2, help="auto_snr: tensors whose min-max normalised "
-                   "SNR is below this stay frozen; 0.2 trains about 2/3 of the tensors of a small CIFAR checkpoint")
-    g.add_argument("--snr_n", type=int, default=128, help="auto_snr: target training images the scores use")
+    g.add_argument("--snr", default="eb", choices=["eb", "per_example"], help="auto_snr criterion: eb = the authors' "
+                   "(minibatch g^2 / var over dim 0, 5 batches, re-selected every epoch, norms frozen); per_example "
+                   "= mean^2 / var of per-example gradients, min-max normalised, selected once")
+    g.add_argument("--snr_threshold", type=float, default=None, help="auto_snr: tensors scoring below this stay "
+                   "frozen; default eb 0.95 (the authors'), per_example 0.2 (ours: about 2/3 of the tensors)")
+    g.add_argument("--snr_n", type=int, default=128, help="auto_snr per_example: target training images the scores use")
     # The L1 term adds lambda * sign(theta - theta_source) to each weight's gradient; the cross-entropy's own per-weight
     # gradient is ~1e-4..4e-3 (10-90%, median 9e-4) on a CIFAR ResNet-26, so 1e-5 / 1e-4 / 1e-3 = weak / felt / ruling.
     g.add_argument("--l1_lambdas", default="1e-5,1e-4,1e-3", help="l1: comma list of lambda in loss + lambda * "
                    "sum|theta - theta_source|, selected jointly with lr on val")
     g = p.add_argument_group("unsupervised adaptation: entropy minimisation on the unlabelled target test stream")
-    g.add_argument("--objective", default="ce", choices=["ce", "entropy"], help="ce: the supervised fine-tuning "
-                   "above; entropy: no target label is read, the test split is a stream (train/val unused)")
+    g.add_argument("--objective", default="ce", choices=["ce", "entropy", "memo"], help="ce: the supervised "
+                   "fine-tuning above; entropy (TENT-style stream) and memo (MEMO per image, memo.py): no target "
+                   "label is read, the test split is what is adapted on and scored (train/val unused)")
+    g.add_argument("--memo_copies", type=int, default=32, help="memo: AugMix copies per test image")
+    g.add_argument("--memo_lr", type=float, default=0.005, help="memo: the plain SGD step's lr (MEMO's CIFAR value)")
     # TENT's CIFAR setting (Wang et al. 2021, cfgs/tent.yaml): Adam 1e-3, no weight decay, one step per batch of 200;
     # batches of 64 here, so a 700-image stream gives 11 updates, not 4. One lr for every --tune, fc too: without
     # labels there is no validation to choose it on.
@@ -139,15 +152,18 @@ def parse_args(argv=None):
                    "split); each is predicted and scored first, then adapted on")
     g.add_argument("--episodic", action="store_true", help="reset to the source model for every batch, adapt on it, "
                    "then predict it (predicting first would score the source model); default continual")
-    g.add_argument("--memo", type=int, default=0, help="N > 0: minimise the entropy of each image's mean prediction "
+    g.add_argument("--ent_copies", type=int, default=0, help="N > 0: minimise the entropy of each image's mean prediction "
                    "over N random crop+flip copies (MEMO-style, not its AugMix); 0: per-image entropy (TENT)")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt", default=None, help="source checkpoint, trained first (train.py) if missing; default "
-                   "ckpt/source.pt (CIFAR), ckpt/<data>.pt, imagenet_c: imagenet = torchvision's ImageNet model")
+                   "CIFAR: paper = the paper's ResNet-26 (downloaded once; a local copy's path works too), "
+                   "imagenet_c: imagenet = torchvision's ImageNet model, else ckpt/<data>.pt")
     g.add_argument("--weights", default="imagenet", choices=["imagenet", "none"], help="--ckpt imagenet, and a "
                    "ResNet-50 trained here: torchvision's ImageNet weights or none (random init, for tests)")
     g.add_argument("--seed", type=int, default=0, help="batch order and anything else random in fine-tuning")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA (faster on "
+                   "CPUs with AMX or AVX512-BF16)")
     g.add_argument("--out_dir", default="results", help="one JSON per run, written atomically")
     g.add_argument("--small", action="store_true", help="a source model trained here uses train.py --small")
     g.add_argument("--holdout", type=int, default=0, help="a source model trained here holds out the last N training "
@@ -158,8 +174,10 @@ def parse_args(argv=None):
     for flag, key in (("train_n", "train_n"), ("val_per_class", "val"), ("test_per_class", "test"),
                       ("epochs", "epochs"), ("wd", "wd")):
         setattr(args, flag, proto[key] if getattr(args, flag) is None else getattr(args, flag))
+    if args.snr_threshold is None:
+        args.snr_threshold = 0.95 if args.snr == "eb" else 0.2
     args.corruption = args.corruption or {"cifar_c": "paper14", "imagenet_c": "paper15"}.get(args.data, "clean")
-    args.ckpt = args.ckpt or {"cifar_c": "ckpt/source.pt", "cifar_flip": "ckpt/source.pt",
+    args.ckpt = args.ckpt or {"cifar_c": "paper", "cifar_flip": "paper",
                               "imagenet_c": "imagenet"}.get(args.data, f"ckpt/{args.data}.pt")
     try:
         args.lr_list = [float(v) for v in args.lrs.split(",") if v]
@@ -168,10 +186,14 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --lrs {args.lrs!r} / --l1_lambdas {args.l1_lambdas!r} are not comma lists of numbers")
     if args.epochs < 1 or args.batch_size < 1 or (args.train_n or 1) < 1 or args.snr_n < 2:
         raise SystemExit("error: --epochs, --batch_size and --train_n must be positive, --snr_n at least 2")
-    if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.memo < 0
+    if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.ent_copies < 0
                                         or min(args.ent_steps, args.ent_batch_size) < 1):
-        raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --memo >= 0 and a "
+        raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --ent_copies >= 0 and a "
                          "--tune other than auto_snr / l1 (they score or select with labels)")
+    if args.objective == "memo" and (args.tune in METHODS or args.data != "cifar_c" or args.memo_copies < 1
+                                     or not args.memo_lr > 0):
+        raise SystemExit("error: --objective memo needs --data cifar_c, --memo_copies >= 1, --memo_lr > 0 and a "
+                         "block or prefix list as --tune (the automatic methods select with labels or over epochs)")
     if args.data in ("cifar_c", "imagenet_c"):  # one line for an unknown name
         (data.parse_corruptions if args.data == "cifar_c" else data.parse_imagenet_c)(args.corruption)
     tune_names(M.build_model(arch_of(args.data)), args.tune)  # fail on a bad --tune now, before any training
@@ -183,7 +205,7 @@ def tune_names(model, tune):
     if tune in METHODS:
         return M.resolve_tune(model, "all")
     chosen = set()
-    for part in tune.split(","):  # each part a block name or a parameter-name prefix that matches something
+    for part in re.split(r"[,+]", tune):  # each part a block name or a parameter-name prefix; "+" as in file names
         ok = bool(part) and part not in METHODS
         try:
             chosen.update(M.resolve_tune(model, part) if ok else [])
@@ -211,7 +233,7 @@ def cache_stage(names, args, arch="resnet26"):
 
 
 @torch.no_grad()
-def prefix(model, x, stop, chunk=1000):
+def prefix(model, x, stop, chunk=256):
     """Output of the frozen stages [0, stop) for a whole split, once: eval mode, no grad, in chunks. Exact because
     GroupNorm keeps no running state and there is no augmentation; chunk matches evaluate()'s batch."""
     if stop == 0:
@@ -234,58 +256,100 @@ def measure(model, split, start=0):
     return {"acc": min(acc), "loss": loss, "avg_acc": sum(acc) / len(acc), "group_acc": acc}
 
 
-def finetune(model, names, splits, lr, args, start=0, l1_lambda=0.0, log=print):
-    """Train the named parameters of model (in place) with Adam at lr for args.epochs, evaluating target val and
-    test before training and after every epoch. splits: {"train"|"val"|"test": (x, y) or (x, y, groups)} on the
-    device, x being the input of stage start[split] (images when 0, cached activations otherwise; an int: the same
-    for every split). tune auto_rgn: rgn.AutoRGN over names; l1_lambda > 0: loss + l1_lambda * sum|theta -
-    theta_source|. Returns (history entry, {name: tensor} at the first epoch >= 1 with the best val accuracy, the
-    one select() would take from this lr)."""
+def epoch_entry(epoch, train_loss, v, t, t0):
+    """One history entry from measure() of val and of test (t None: test not scored at this epoch)."""
+    e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"], "val_loss": v["loss"],
+         "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
+    if "avg_acc" in v:  # waterbirds / celeba: the group-balanced average and the per-group accuracies too
+        e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"], test_group_acc=t and t["group_acc"])
+    e["seconds"] = time.time() - t0
+    return e
+
+
+def finetune(model, names, splits, lr, args, start=0, l1_lambda=0.0, epoch0=None, record=None, log=print):
+    """Train the named parameters of model (in place) with Adam at lr for args.epochs, evaluating target val after
+    every epoch. splits: {"train"|"val"|"test": (x, y) or (x, y, groups)} on the device, x being the input of stage
+    start[split] (images when 0, cached activations otherwise; an int: the same for every split). tune auto_rgn:
+    rgn.AutoRGN over names; l1_lambda > 0: loss + l1_lambda * sum|theta - theta_source|. epoch0: the source model's
+    history entry (computed here when None). record: {"val": best val accuracy so far over the grid}: test is scored
+    only where val beats it, the only epochs select() can land on (every epoch with --test_every_epoch); updated.
+    Returns (history entry, {name: tensor} at the first epoch >= 1 with the best val accuracy, the one select()
+    would take from this lr)."""
     start = start if isinstance(start, dict) else dict.fromkeys(splits, start)
+    record = {"val": -1.0} if record is None else record
     dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batch order for every lr
     params = M.freeze_except(model, names)
-    epochs = args.epochs if names else 0
     opt, src = None, None
+    rgn_before = args.tune == "auto_rgn" and args.rgn_measure == "before"
+    eb = args.tune == "auto_snr" and args.snr == "eb"  # names are the candidates; re-selected every epoch below
     if names and args.tune == "auto_rgn":
+        steps = None if rgn_before else math.ceil(len(xtr) / args.batch_size)  # before: epochs marked below
         opt = rgn.AutoRGN([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr, args.wd,
-                          steps_per_epoch=math.ceil(len(xtr) / args.batch_size), keep_state=args.rgn_keep_state,
+                          steps_per_epoch=steps, keep_state=args.rgn_keep_state,
                           include_norm=args.rgn_include_norm, norm_names=rgn.norm_param_names(model))
         params = M.freeze_except(model, opt.names)  # frozen norms need no gradient at all
-    elif names:
+    elif names and not eb:
         opt = torch.optim.Adam(params, lr, weight_decay=args.wd)
     if l1_lambda:
         src = [p.detach().clone() for p in params]
-    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [],
-            **({"rgn": []} if args.tune == "auto_rgn" else {})}
+    if epoch0 is None:  # the source model's entry, when the caller has not scored it already
+        epoch0 = epoch_entry(0, None, measure(model, splits["val"], start["val"]),
+                             measure(model, splits["test"], start["test"]), time.time())
+    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [epoch0],
+            **({"rgn": []} if args.tune == "auto_rgn" else {}), **({"snr": []} if eb else {})}
     best, best_val, t0 = {}, -1.0, time.time()
-    tag = f"lr {lr:.0e}" + (f" lambda {l1_lambda:.0e}" if hist["lambda"] is not None else "") if names else "source"
-    for epoch in range(epochs + 1):
+    tag = f"lr {lr:.0e}" + (f" lambda {l1_lambda:.0e}" if hist["lambda"] is not None else "") if names else ""
+    # the automatic methods measure on 5 batches of their own shuffle at the epoch-start weights, as the authors'
+    # islice(train_loader, 5) does; their own generator keeps the training batch order every method's
+    gm = torch.Generator(device=dev).manual_seed(args.seed + 1)
+
+    def probe():
+        return itertools.islice(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm), 5)
+
+    def loss_of(xb, yb):
+        with T.autocast(dev):
+            return F.cross_entropy(model(xb, start=start["train"]).float(), yb)
+    for epoch in range(1, args.epochs + 1 if names else 1):
         tot, seen = 0.0, 0
-        if epoch:  # epoch 0 is the source model
-            model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
-            for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
-                with T.autocast(dev):
-                    loss = F.cross_entropy(model(xb, start=start["train"]).float(), yb)
+        model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
+        if rgn_before:  # the epoch's rates from the epoch-start weights; no step here
+            opt.new_epoch()
+            for xb, yb in probe():
+                loss_of(xb, yb).backward()
+                opt.measure()
+                opt.zero_grad(set_to_none=True)
+        if eb:  # the authors' Auto-SNR: tensors scoring >= threshold train this epoch, Adam rebuilt (moments reset)
+            M.freeze_except(model, names)
+            scores = rgn.eb_scores(loss_of, probe(), [(n, p) for n, p in model.named_parameters() if n in names])
+            chosen = [n for n in names if scores[n] >= args.snr_threshold]
+            params = M.freeze_except(model, chosen)
+            opt = torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
+            hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in M.block_params(model).items()
+                                if b != "all"})
+        for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
+            loss = loss_of(xb, yb)
+            if opt is not None:  # eb may select nothing for an epoch: the model then stays as it is
                 reg = l1_lambda * sum((p - p0).abs().sum() for p, p0 in zip(params, src)) if src else 0.0
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                tot, seen = tot + loss.item() * len(yb), seen + len(yb)
-        v, t = measure(model, splits["val"], start["val"]), measure(model, splits["test"], start["test"])
-        va, ta = v["acc"], t["acc"]
-        hist["epochs"].append({"epoch": epoch, "train_loss": tot / seen if seen else None, "val_acc": va,
-                               "val_loss": v["loss"], "test_acc": ta, "test_loss": t["loss"],
-                               **({"val_avg_acc": v["avg_acc"], "test_avg_acc": t["avg_acc"],
-                                   "test_group_acc": t["group_acc"]} if "avg_acc" in t else {}),
-                               "seconds": time.time() - t0})
-        if epoch and va > best_val:  # strictly better: ties keep the earlier epoch, as select() does
-            best_val, best = va, {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
-        loss_s = f"{tot / seen:.4f}" if seen else "  -   "
-        log(f"{tag} | epoch {epoch:2d}/{epochs} | loss {loss_s} | val {va:5.1f}% | test {ta:5.1f}% | "
+            tot, seen = tot + loss.item() * len(yb), seen + len(yb)
+        v = measure(model, splits["val"], start["val"])
+        t = None
+        if args.test_every_epoch or v["acc"] > record["val"]:
+            t = measure(model, splits["test"], start["test"])
+        record["val"] = max(record["val"], v["acc"])
+        hist["epochs"].append(epoch_entry(epoch, tot / seen, v, t, t0))
+        if v["acc"] > best_val:  # strictly better: ties keep the earlier epoch, as select() does
+            best_val, best = v["acc"], {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
+        test_s = f"{t['acc']:5.1f}%" if t else "  -   "
+        log(f"{tag} | epoch {epoch:2d}/{args.epochs} | loss {tot / seen:.4f} | val {v['acc']:5.1f}% | test {test_s} | "
             f"{T.fmt_time(time.time() - t0)}")
-        if epoch and "rgn" in hist:
+        if eb:
+            log("    auto_snr tensors trained this epoch: " + " ".join(f"{b} {k}" for b, k in hist["snr"][-1].items()))
+        if "rgn" in hist:
             hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
             log("    rgn multipliers: " + " ".join(f"{b} {m:.3f}" for b, m in hist["rgn"][-1].items()))
     return hist, best
@@ -327,27 +391,37 @@ def run(args, source, target, clean, corruption, source_acc_before, log=print):
     test split (x, y) for the source accuracy kept (clean CIFAR-10), or None."""
     t0, dev = time.time(), target["train"][0].device
     names, snr = tune_names(source, args.tune), None
-    if args.tune == "auto_snr":  # score every tensor on a seeded subset of the target training images
+    if args.tune == "auto_snr" and args.snr == "eb":  # candidates: every non-norm tensor, chosen per epoch
+        names = [n for n in names if n not in rgn.norm_param_names(source)]
+        snr = {"criterion": "eb", "threshold": args.snr_threshold}
+    elif args.tune == "auto_snr":  # score every tensor on a seeded subset of the target training images
         x, y = target["train"]
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.snr_n].to(dev)
         scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx], names, chunk_size=32)
         names = rgn.snr_select(scores, args.snr_threshold)
-        snr = {"threshold": args.snr_threshold, "scores": scores, "selected": names}
+        snr = {"criterion": "per_example", "threshold": args.snr_threshold, "scores": scores, "selected": names}
         log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above {args.snr_threshold}: "
             + ", ".join(sorted({n.split(".")[0] for n in names})))
     k = cache_stage(names, args, source.arch)
     splits, starts = cached_splits(source, target, k, args, log)
     lambdas = args.lambda_list if args.tune == "l1" else [0.0]
     grid = [(lr, lam) for lam in lambdas for lr in lr_grid(args, names)] if names else [(None, 0.0)]
-    trained = names  # auto_rgn trains all but the norms it freezes (rgn.AutoRGN, as the reference does)
+    trained = names  # auto_rgn trains all but the norms it freezes (rgn.AutoRGN, as the reference does); auto_snr eb:
+    # the candidates, each epoch's choice is in history[i]["snr"]
     if args.tune == "auto_rgn" and not args.rgn_include_norm:
         trained = [n for n in names if n not in rgn.norm_param_names(source)]
     n_params = sum(p.numel() for n, p in source.named_parameters() if n in set(trained))
     log(f"tune {args.tune}: {len(trained)} tensors, {n_params:,d} parameters; prefix cache: "
         + (f"stages {', '.join(source.stages[:k])} computed once" if k else "none"))
-    history, states = [], []
+    t1 = time.time()  # epoch 0 is the source model: the same for every lr, so scored once
+    epoch0 = epoch_entry(0, None, measure(source, splits["val"], starts["val"]),
+                         measure(source, splits["test"], starts["test"]), t1)
+    log(f"source | epoch  0 | val {epoch0['val_acc']:5.1f}% | test {epoch0['test_acc']:5.1f}% | "
+        f"{T.fmt_time(time.time() - t1)}")
+    history, states, record = [], [], {"val": -1.0}
     for lr, lam in grid:
-        h, best = finetune(copy.deepcopy(source), names, splits, lr, args, start=starts, l1_lambda=lam, log=log)
+        h, best = finetune(copy.deepcopy(source), names, splits, lr, args, start=starts, l1_lambda=lam,
+                           epoch0=epoch0, record=record, log=log)
         history.append(h)
         states.append(best)
     sel = select(history, min_epoch=1 if names else 0)
@@ -378,10 +452,24 @@ def run(args, source, target, clean, corruption, source_acc_before, log=print):
     return res
 
 
+def variant(args):
+    """Non-default settings of an automatic method ("+"-joined), or None: named in the result's file name and kept
+    apart from the default method by table.py."""
+    on = []
+    if args.tune == "auto_snr":
+        on += [f"snr_{args.snr}"] if args.snr != "eb" else []
+    if args.tune == "auto_rgn":
+        on += [n for n, v in (("measure_train", args.rgn_measure == "train"), ("keep_state", args.rgn_keep_state),
+                              ("with_norm", args.rgn_include_norm)) if v]
+    return "+".join(on) or None
+
+
 def save_result(res, args, corruption):
-    """One JSON per run in --out_dir, written atomically; --objective entropy names end in -entropy."""
+    """One JSON per run in --out_dir, written atomically; --objective entropy / memo names end in -entropy / -memo,
+    a method variant's in -<variant>."""
     tune = re.sub(r"[^\w.+-]", "_", args.tune.replace(",", "+"))
-    suffix = "-entropy" if args.objective == "entropy" else ""
+    res["variant"] = variant(args)
+    suffix = ("" if args.objective == "ce" else f"-{args.objective}") + (f"-{res['variant']}" if res["variant"] else "")
     path = os.path.join(args.out_dir, f"{args.data}-{corruption}-{tune}-s{args.seed}{suffix}.json")
     os.makedirs(args.out_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -438,9 +526,9 @@ def adapt_stream(model, names, x, args, start=0, log=print):
             pred, ent = predict(model, xb, start)
         for _ in range(args.ent_steps if names else 0):
             model.train(args.bn == "train")  # TENT proper on a BatchNorm net: --bn train (batch statistics)
-            xa = torch.cat([data.crop_flip(xb, generator=g) for _ in range(args.memo)]) if args.memo else xb
+            xa = torch.cat([data.crop_flip(xb, generator=g) for _ in range(args.ent_copies)]) if args.ent_copies else xb
             with T.autocast(x.device):
-                loss = entropy(model(xa, start=start), args.memo)
+                loss = entropy(model(xa, start=start), args.ent_copies)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -453,35 +541,43 @@ def adapt_stream(model, names, x, args, start=0, log=print):
 
 
 def run_entropy(args, source, target, clean, corruption, source_acc_before, log=print):
-    """run() for --objective entropy: the stream is the target test split in a --seed order; the labels are read
-    once, after the stream, to score its predictions. JSON as run()'s plus "objective"; history holds the stream,
-    val_acc and the selected epoch are null, source_acc is the clean accuracy of the model the stream left."""
+    """run() for --objective entropy / memo: the target test split in a --seed order is adapted on (a stream, or
+    per image for memo); the labels are read once, after it, to score its predictions. JSON as run()'s plus
+    "objective"; history holds the stream's records, val_acc and the selected epoch are null, source_acc is the
+    clean accuracy of the model the stream left (memo: the source's, as every image starts from it again)."""
     t0, dev = time.time(), target["test"][0].device
     names = tune_names(source, args.tune)
     frozen = rgn.norm_param_names(source) if args.tune == "auto_rgn" and not args.rgn_include_norm else set()
     trained = [n for n in names if n not in frozen]
-    k = 0 if args.memo else cache_stage(names, args, source.arch)  # augmentations need images
+    memo = args.objective == "memo"
+    k = 0 if args.ent_copies or memo else cache_stage(names, args, source.arch)  # augmentations need images
     x, y = target["test"][:2]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed)).to(dev)
     net = copy.deepcopy(source)
-    preds, stream = adapt_stream(net, names, prefix(source, x[order], k), args, start=k, log=log)
+    if memo:
+        preds, stream = memo_.adapt(net, names, x[order], args, log=log)
+    else:
+        preds, stream = adapt_stream(net, names, prefix(source, x[order], k), args, start=k, log=log)
     hit = (preds == y[order]).float() * 100  # the scoring
-    for b, h in zip(stream, hit.split(args.ent_batch_size)):
+    for b, h in zip(stream, hit.split([b["n"] for b in stream])):
         b["acc"] = h.mean().item()
-    acc, source_acc = hit.mean().item(), T.evaluate(net, *clean)[0] if names and clean else source_acc_before
+    acc, source_acc = hit.mean().item(), source_acc_before
+    if names and clean and not memo:
+        source_acc = T.evaluate(net, *clean)[0]
+    lr = args.memo_lr if memo else args.ent_lr
     res = {"data": args.data, "corruption": corruption, "severity": args.severity if "_c" in args.data else None,
-           "tune": args.tune, "seed": args.seed, "objective": "entropy",
+           "tune": args.tune, "seed": args.seed, "objective": args.objective,
            "args": {k_: v for k_, v in vars(args).items() if "_list" not in k_},
            "trained": {"tensors": len(trained), "params": sum(p.numel() for n, p in source.named_parameters()
                                                              if n in set(trained)), "names": trained},
-           "prefix_stage": k, "history": [{"lr": args.ent_lr, "lambda": None, "stream": stream}],
-           "selected": {"lr": args.ent_lr, "lambda": None, "epoch": None, "val_acc": None, "test_acc": acc},
+           "prefix_stage": k, "history": [{"lr": lr, "lambda": None, "stream": stream}],
+           "selected": {"lr": lr, "lambda": None, "epoch": None, "val_acc": None, "test_acc": acc},
            "test_acc": acc, "val_acc": None, "source_acc": source_acc, "source_acc_before": source_acc_before,
            "metric": "accuracy", "test_avg_acc": None,
            "snr": None, "seconds": time.time() - t0, "torch": str(torch.__version__), "device": T.device_name(dev)}
     path = save_result(res, args, corruption)
     kept = f"source test {source_acc:.2f}% (before {source_acc_before:.2f}%)" if clean else "no source test split"
-    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed} entropy: stream {acc:.2f}% | {kept} | "
+    log(f"result {args.data} {corruption} tune={args.tune} seed={args.seed} {args.objective}: {acc:.2f}% | {kept} | "
         f"{T.fmt_time(res['seconds'])} -> {path}")
     return res
 
@@ -492,7 +588,7 @@ def load_source(args, dev):
     if args.ckpt == "imagenet":
         net = M.build_model("resnet50", 1000, None if args.weights == "none" else "imagenet")
         return T.prepare(net, dev).eval(), 0
-    if not os.path.exists(args.ckpt):
+    if args.ckpt != "paper" and not os.path.exists(args.ckpt):
         family = [] if args.data.startswith("cifar") else [
             "--data", args.data, "--weights", args.weights, "--image_size", str(args.image_size),
             *[v for f in ("imagenet_dir", "breeds_dir", "waterbirds_dir", "celeba_dir") for v in (f"--{f}",
@@ -564,7 +660,7 @@ def main(argv=None):
     missing = [c for c in corruptions if args.data == "cifar_c" and not args.cifar10c_dir and c not in data.CORRUPTIONS]
     if missing:
         raise SystemExit(f"error: corruption {', '.join(missing)} is not implemented in data.CORRUPTIONS yet")
-    dev = T.get_device(args.device)
+    dev = T.get_device(args.device, args.cpu_bf16)
     source, holdout = load_source(args, dev)
     names = tune_names(source, args.tune)
     targets = (cifar_targets(args, corruptions, holdout, dev) if args.data.startswith("cifar") else
@@ -575,8 +671,12 @@ def main(argv=None):
             print(f"  unsupervised: the test split as a stream (order: seed {args.seed}), no label read; batches of "
                   f"{args.ent_batch_size}, " + ("each adapted from the source, then predicted" if args.episodic else
                   "each predicted, then adapted on (continual)") + f"; {args.ent_steps} Adam step(s) at lr "
-                  f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.memo} crop+flip copies" if args.memo
+                  f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.ent_copies} crop+flip copies" if args.ent_copies
                   else "prediction entropy") + f", BatchNorm {args.bn} mode, device {dev.type}")
+        elif i == 0 and args.objective == "memo":
+            print(f"  unsupervised, MEMO: per test image (order: seed {args.seed}), from the source weights, "
+                  f"{args.memo_copies} AugMix copies, one plain SGD step at lr {args.memo_lr:g} on the entropy of "
+                  f"their mean prediction, then the original image is predicted; no label read; device {dev.type}")
         elif i == 0:
             print(f"  Adam, lr in {{{', '.join(f'{v:g}' for v in lr_grid(args, names))}}}"
                   + (f" x lambda in {{{args.l1_lambdas}}}" if args.tune == "l1" else "") + f", wd {args.wd:g} "
@@ -587,7 +687,7 @@ def main(argv=None):
         if clean_c is not None and clean_c is not clean:  # the source accuracy, once per source test split
             clean, source_acc_before = clean_c, T.evaluate(source, *clean_c)[0]
             print(f"source: {args.ckpt}, source test accuracy {source_acc_before:.2f}%")
-        results.append((run_entropy if args.objective == "entropy" else run)(args, source, target, clean_c, c,
+        results.append((run if args.objective == "ce" else run_entropy)(args, source, target, clean_c, c,
                                                                              source_acc_before))
     if len(results) > 1:
         mean = sum(r["test_acc"] for r in results) / len(results)

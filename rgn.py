@@ -25,8 +25,10 @@ The authors' code (anniesch/surgical-finetuning, main.py: get_lr_weights and the
   rule that fits ResNet-26 (bn1, bn2, norm) and torchvision (bn1..bn3, downsample.1).
 - Rebuilding Adam resets its moments and step count every epoch; keep_state=True keeps them instead.
 
-Auto-SNR: snr_scores() scores each tensor by the signal-to-noise ratio of its per-example gradients (torch.func),
-min-max normalised to [0, 1]; snr_select() keeps those >= a threshold to train at the base lr, the rest are frozen.
+Auto-SNR, two criteria; snr_select() keeps the tensors scoring >= a threshold (they train at the base lr):
+- eb_scores(): the authors' (their "eb-criterion"): mean of g^2 / var of the minibatch gradient, averaged over 5
+  minibatches, threshold 0.95, re-selected every epoch, norm layers never trained. finetune.py's default.
+- snr_scores(): the signal-to-noise ratio of the per-example gradients (torch.func), min-max normalised to [0, 1].
 """
 import re
 
@@ -137,6 +139,21 @@ def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
         raw[n] = torch.where(var > 0, mean.square() / var, torch.zeros_like(var)).mean().item()
     lo, hi = min(raw.values()), max(raw.values())
     return {n: (s - lo) / (hi - lo) if hi > lo else 1.0 for n, s in raw.items()}
+
+
+def eb_scores(loss_fn, batches, named):
+    """The authors' Auto-SNR criterion (their "eb-criterion", main.py get_lr_weights): for each minibatch (x, y) the
+    minibatch gradient g of every tensor in named [(name, param)] is scored by mean(g^2 / (var(g, dim 0) + 1e-8)),
+    the variance over the tensor's first dimension (output channels / classes; unbiased), and the scores are averaged
+    over the minibatches. A classifier head's gradient sums to zero over the classes, so its score is at most
+    (C-1)/C: with the 0.95 threshold a 10-class head never trains. loss_fn(x, y) -> scalar. Returns {name: score}."""
+    sums, k = dict.fromkeys((n for n, _ in named), 0.0), 0
+    for k, (x, y) in enumerate(batches, 1):
+        grads = torch.autograd.grad(loss_fn(x, y), [p for _, p in named])
+        for (n, _), g in zip(named, grads):
+            g = g.float()
+            sums[n] += (g.square() / (g.var(0, keepdim=True) + 1e-8)).mean().nan_to_num().item()
+    return {n: v / max(k, 1) for n, v in sums.items()}
 
 
 def snr_select(scores, threshold):

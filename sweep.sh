@@ -31,7 +31,7 @@ small() { if [ "${SMALL:-0}" = 1 ]; then echo "$1"; else echo "$2"; fi; }  # the
 DATA_DIR=${DATA_DIR:-data}                                     # holds cifar-10-batches-py (downloaded if missing)
 CACHE=${CACHE:-data/cache}                                     # decoded CIFAR-10, corrupted pools: made once
 RESULTS=${RESULTS:-$(small results/small results)}             # one JSON per run, logs/, table.md
-CKPT=${CKPT:-$(small ckpt/source_small.pt ckpt/source.pt)}     # the CIFAR source model, trained first if missing
+CKPT=${CKPT:-$(small ckpt/source_small.pt paper)}           # CIFAR source: the paper's, or a path (trained if missing)
 FAMILY_CKPT=${FAMILY_CKPT:-ckpt}                               # <dir>/<data>.pt: ImageNet-family source models
 IMAGENET_C_DIR=${IMAGENET_C_DIR:-data/imagenet-c} IMAGENET_DIR=${IMAGENET_DIR:-data/imagenet}  # the family's folders
 BREEDS_DIR=${BREEDS_DIR:-data/breeds} WATERBIRDS_DIR=${WATERBIRDS_DIR:-data/waterbird_complete95_forest2water2}
@@ -41,12 +41,13 @@ SEEDS=${SEEDS:-$(small "0 1" "0 1 2")}
 CORRUPTIONS=${CORRUPTIONS:-$(small gaussian_noise paper14)}    # names (space or comma list), paper14 or all19
 METHODS=${METHODS:-none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn}
 DATASETS=${DATASETS:-cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba}
+OBJECTIVE=${OBJECTIVE:-ce}                                     # ce (the table), memo or entropy (unsupervised)
 EXTRA=${EXTRA-$(small "--train_n 100 --val_per_class 5 --test_per_class 20 --epochs 2 --l1_lambdas 1e-4" "")}  # flags
 DEVICE=${DEVICE:-auto}
 JOBS=${JOBS:-$(small "$(nproc)" 1)}                            # runs at once (--slurm: array tasks at once)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))}  # CPU threads a run
 MODE=${1:-run} && exec 3>&1 && { [ "$MODE" != --list ] || exec 3>&2; }  # news to stderr when stdout is the list
-for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS EXTRA DEVICE JOBS \
+for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS OBJECTIVE EXTRA DEVICE JOBS \
   OMP_NUM_THREADS FAMILY_CKPT IMAGENET_C_DIR IMAGENET_DIR BREEDS_DIR WATERBIRDS_DIR CELEBA_DIR IN_CORRUPTIONS; do
   echo "$v=\"${!v:-}\""; done >&3
 names() { cd "$HERE" && python -c "import data, sys; print(*getattr(data, sys.argv[1])(sys.argv[2]))" "$1" "${2// /,}"; }
@@ -65,16 +66,17 @@ runs() {  # the run list: pending runs (all with $1 = all); seeds outermost, so 
     case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs=clean;; esac
     ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
     for c in $cs; do for t in $ms; do
-      out=$RESULTS/$d-$c-$t-s$s.json && { [ "${1:-}" = all ] || [ ! -f "$out" ]; } || continue
-      printf '%s\t--data %s %s--tune %s --seed %s --ckpt %q %s\n' "$out" "$d" "$([ "$c" = clean ] || echo \
-        "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$COMMON"
+      out=$RESULTS/$d-$c-$t-s$s$([ "$OBJECTIVE" = ce ] || echo "-$OBJECTIVE").json
+      { [ "${1:-}" = all ] || [ ! -f "$out" ]; } || continue
+      printf '%s\t--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$out" "$d" "$([ "$c" = clean ] \
+        || echo "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
     done; done; done; done
 }
 mkdir -p "$RESULTS/logs" && find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -mmin +10 -delete  # killed runs' temps
 [ "$MODE" != --list ] || { runs; exit; }
 sources() {  # one train.py command line per missing source model the run list needs (CIFAR's with $TRAIN_ARGS)
   for d in $DATASETS; do case $d in imagenet_c) continue;; cifar_*) [ "$d" = cifar_c ] || [[ " $DATASETS " != \
-    *" cifar_c "* ]] || continue;; esac; have "$d" && [ ! -f "$(ckpt "$d")" ] || continue
+    *" cifar_c "* ]] || continue;; esac; have "$d" && [ "$(ckpt "$d")" != paper ] && [ ! -f "$(ckpt "$d")" ] || continue
     printf 'python %q --data %s --cache_dir %q --device %q --out %q %s%s\n' "$HERE/train.py" \
       "$(case $d in cifar_*) echo cifar10;; *) echo "$d";; esac)" "$CACHE" "$DEVICE" "$(ckpt "$d")" \
       "$(case $d in cifar_*) printf -- '--data_dir %q %s' "$DATA_DIR" "$TRAIN_ARGS";; *) echo "$FOLDERS";; esac)"

@@ -8,8 +8,9 @@ A cell is mean (std) over seeds of target-test accuracy (%). A seed's value in a
 (CIFAR-C, IN-C) is the mean over the corruptions present. std is the sample standard deviation (n - 1 divisor;
 the paper does not say which it used), "-" with one seed. Rows (finetune.py --tune): No Adaptation = none,
 Full Fine-Tuning = all, L1 Regularize = l1, Auto-SNR = auto_snr, Auto-RGN = auto_rgn; Cross-Val = for each
-(dataset, corruption, seed) the block among layer1/layer2/layer3/(layer4)/fc with the best val_acc (ties: that order),
-at its test_acc. Per corruption, not per dataset: each corruption is its own target with its own validation split.
+(dataset, seed) the block among layer1/layer2/layer3/(layer4)/fc whose val_acc averaged over the column's corruptions
+is best (ties: that order), at its test_acc (PROTOCOL section 5). An extra row chooses per corruption instead.
+"All runs" lists every tune present, blocks and method variants (finetune.py's non-default method flags) included.
 Avg Rank: in each column with data, rank Full FT, L1, Auto-SNR and Auto-RGN by their means rounded as printed
 (1 = best, ties share the better rank), then average over the columns where the method has a value.
 A cell lacking some (corruption, seed) run that its column has for another method is marked * (not complete).
@@ -25,7 +26,7 @@ from collections import Counter
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", "Entity-30": "entity30",
            "CIFAR-F": "cifar_flip", "Waterbirds": "waterbirds", "CelebA": "celeba"}  # column -> finetune.py --data
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all", "L1 Regularize": "l1",
-        "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn"}
+        "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn", "Cross-Val per corruption (extra)": "crossval_c"}
 ROW_OF = {t: row for row, t in ROWS.items()}
 BLOCKS = ("layer1", "layer2", "layer3", "layer4", "fc")  # Cross-Val's candidates, in tie-break order (layer4:
 # ResNet-50's columns only)
@@ -40,8 +41,9 @@ def load(folder):
         try:
             with open(path) as f:
                 r = json.load(f)
-            key = (r["data"], r["corruption"], r["tune"], r["seed"])
-            if r.get("objective", "ce") != "ce":  # finetune.py --objective entropy: "cifar_c/entropy", own table
+            key = (r["data"], r["corruption"], r["tune"] + (f"[{r['variant']}]" if r.get("variant") else ""),
+                   r["seed"])
+            if r.get("objective", "ce") != "ce":  # --objective memo / entropy: "cifar_c/memo", own tables
                 key = (f"{r['data']}/{r['objective']}", *key[1:])
         except (OSError, ValueError, KeyError, TypeError) as e:
             notes.append(f"skipped {path}: not a finetune.py result ({type(e).__name__})")
@@ -68,8 +70,8 @@ def cell(vals, n_expected):
 def summarize(res):
     """The numbers behind both tables: {"cells": {(row, column): cell}, "fig2": {(block, column): cell},
     "ranks": {row: avg rank or None}, "picks": {column: Counter of Cross-Val's blocks}, "grid": {column: (corruptions,
-    seeds)}}. A column's expected grid is every (corruption, seed) any of its results has."""
-    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}}
+    seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is every (corruption, seed) any of its results has."""
+    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}}
     for col, data in COLUMNS.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (corruption, tune, seed) -> result
         if not rs:
@@ -78,12 +80,20 @@ def summarize(res):
         out["grid"][col] = (sorted({c for c, _ in grid}), sorted({s for _, s in grid}))
         acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t} for t in {k[1] for k in rs}}
         blocks = [b for b in BLOCKS if b in acc]  # Cross-Val chooses among the blocks this column has
-        acc["crossval"], picks = {}, Counter()
-        for c, s in grid:
-            if blocks and all((c, b, s) in rs for b in blocks):  # a choice needs every candidate
+        acc["crossval"], acc["crossval_c"], picks = {}, {}, Counter()
+        for s in sorted({s for _, s in grid}):  # PROTOCOL section 5: one block per (column, seed), by the val
+            cs = [c for c, s_ in grid if s_ == s]  # accuracy averaged over the column's corruptions
+            if blocks and all((c, b, s) in rs for b in blocks for c in cs):  # a choice needs every candidate
+                mean_val = {b: sum(rs[(c, b, s)]["val_acc"] for c in cs) / len(cs) for b in blocks}
+                best = max(blocks, key=lambda b: (mean_val[b], -blocks.index(b)))
+                acc["crossval"].update({(c, s): rs[(c, best, s)]["test_acc"] for c in cs})
+                picks[best] += 1
+        for c, s in grid:  # the extra row: each (corruption, seed) its own choice
+            if blocks and all((c, b, s) in rs for b in blocks):
                 best = max(blocks, key=lambda b: (rs[(c, b, s)]["val_acc"], -blocks.index(b)))
-                acc["crossval"][(c, s)], picks[best] = rs[(c, best, s)]["test_acc"], picks[best] + 1
+                acc["crossval_c"][(c, s)] = rs[(c, best, s)]["test_acc"]
         out["picks"][col] = picks
+        out["tunes"][col] = {tune: cell(a, len(grid)) for tune, a in acc.items() if not tune.startswith("crossval")}
         for row, tune in ROWS.items():
             out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
         for b in BLOCKS:  # Figure 2: paired per (corruption, seed) differences to full fine-tuning
@@ -139,29 +149,43 @@ def render(res, notes, folder):
     for b in BLOCKS + ("all",):
         lines.append(f"| {b if b != 'all' else 'all (absolute)'} | "
                      f"{' | '.join(fmt(s['fig2'][(b, c)], sign=b != 'all') for c in data_cols)} |")
+    order = ("none",) + BLOCKS + ("all", "l1", "auto_snr", "auto_rgn")
+    tunes = sorted({t for c in data_cols for t in s["tunes"][c]}, key=lambda t: (order.index(t) if t in order
+                                                                                else len(order), t))
+    lines += ["", "## All runs: every tune, absolute (blocks, comma lists, method variants)", "",
+              f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1) + "|"]
+    for t in tunes:
+        lines.append(f"| {t} | {' | '.join(fmt(s['tunes'][c].get(t)) for c in data_cols)} |")
     return "\n".join(lines + unsupervised(res)) + "\n"
 
 
-UNSUP_TUNES = ("none", "layer1", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")  # its rows (then any other tune)
+UNSUP_TUNES = ("none", "layer1", "layer1+layer2", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")  # row order
 UNSUP_NAMED = ("gaussian_noise", "jpeg_compression", "motion_blur")  # its columns after the mean, when present
+UNSUP_TITLES = {"memo": "MEMO per test image: AugMix copies, one SGD step, from the source every time "
+                        "(--objective memo)",
+                "entropy": "entropy minimisation on the unlabelled target test stream (--objective entropy)"}
 
 
 def unsupervised(res):
-    """Markdown lines of the unsupervised table (finetune.py --objective entropy, cifar_c): a row per tune, columns
-    the mean over the corruptions present and the named ones, cells mean (std) over seeds as above; [] if none."""
-    rs = {k[1:]: r["test_acc"] for k, r in res.items() if k[0] == "cifar_c/entropy"}  # (corruption, tune, seed)
-    grid = {(c, s) for c, _, s in rs}
-    cs, tunes = sorted({c for c, _ in grid}), {t for _, t, _ in rs}
-    named = [c for c in UNSUP_NAMED if c in cs]
-    lines = ["", "## Unsupervised: entropy minimisation on the unlabelled target test stream (--objective entropy)",
-             "", f"CIFAR-C stream accuracy (%); mean over {len(cs)} corruption(s): {', '.join(cs)}.", "",
-             f"| Tune | mean | {' | '.join(named)} |", "|---" * (len(named) + 2) + "|"]
-    for t in [t for t in UNSUP_TUNES if t in tunes] + sorted(tunes - set(UNSUP_TUNES)):
-        acc = {(c, s): v for (c, t_, s), v in rs.items() if t_ == t}
-        cells = [cell(acc, len(grid))] + [cell({k: v for k, v in acc.items() if k[0] == c},
-                                               sum(g[0] == c for g in grid)) for c in named]
-        lines.append(f"| {t} | {' | '.join(map(fmt, cells))} |")
-    return lines if rs else []
+    """Markdown lines of the unsupervised tables (finetune.py --objective memo / entropy, cifar_c): a row per tune,
+    columns the mean over the corruptions present and the named ones, cells mean (std) over seeds; [] if none."""
+    lines = []
+    for objective, title in UNSUP_TITLES.items():
+        rs = {k[1:]: r["test_acc"] for k, r in res.items() if k[0] == f"cifar_c/{objective}"}  # (c, tune, seed)
+        if not rs:
+            continue
+        grid = {(c, s) for c, _, s in rs}
+        cs, tunes = sorted({c for c, _ in grid}), {t for _, t, _ in rs}
+        named = [c for c in UNSUP_NAMED if c in cs]
+        lines += ["", f"## Unsupervised: {title}", "", f"CIFAR-C accuracy (%) on the adapted images; mean over "
+                  f"{len(cs)} corruption(s): {', '.join(cs)}.", "",
+                  f"| Tune | mean | {' | '.join(named)} |", "|---" * (len(named) + 2) + "|"]
+        for t in [t for t in UNSUP_TUNES if t in tunes] + sorted(tunes - set(UNSUP_TUNES)):
+            acc = {(c, s): v for (c, t_, s), v in rs.items() if t_ == t}
+            cells = [cell(acc, len(grid))] + [cell({k: v for k, v in acc.items() if k[0] == c},
+                                                   sum(g[0] == c for g in grid)) for c in named]
+            lines.append(f"| {t} | {' | '.join(map(fmt, cells))} |")
+    return lines
 
 
 def parse_args(argv=None):

@@ -86,6 +86,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    g.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA (faster on "
+                   "CPUs with AMX or AVX512-BF16)")
     g.add_argument("--out", default="ckpt/source.pt", help="checkpoint path (written atomically)")
     g.add_argument("--small", action="store_true", help="CPU scale: 15 epochs on at most 4,000 images")
     args = p.parse_args(argv)
@@ -107,17 +109,24 @@ def parse_args(argv=None):
     return args
 
 
-def get_device(name="auto"):
-    """Resolve --device once; CUDA-only speedups (TF32, bf16 autocast, channels_last) are switched on here."""
+CPU_BF16 = False  # bf16 autocast on the CPU too (--cpu_bf16): set once by get_device, read by autocast
+
+
+def get_device(name="auto", cpu_bf16=False):
+    """Resolve --device once; CUDA-only speedups (TF32, bf16 autocast, channels_last) are switched on here.
+    cpu_bf16: bf16 autocast on the CPU as well (1.5-1.9x faster on CPUs with AMX / AVX512-BF16, slower without)."""
+    global CPU_BF16
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu or auto")
     dev = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    CPU_BF16 = cpu_bf16
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         print(f"device: cuda ({torch.cuda.get_device_name()}), bf16 autocast, TF32, channels_last")
     else:
-        print(f"device: cpu ({torch.get_num_threads()} threads){'' if name == 'cpu' else ', no CUDA device found'}")
+        print(f"device: cpu ({torch.get_num_threads()} threads{', bf16 autocast' if cpu_bf16 else ''})"
+              f"{'' if name == 'cpu' else ', no CUDA device found'}")
     return dev
 
 
@@ -126,7 +135,9 @@ def device_name(dev):
 
 
 def autocast(dev):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
 
 
 def prepare(model, dev):
@@ -134,8 +145,9 @@ def prepare(model, dev):
     return model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
 
 
+# evaluation batches of 256: 2.6x faster than 1000 on a 2-core CPU (cache-sized activations), no slower on a GPU
 @torch.no_grad()
-def hits(model, x, y, batch_size=1000, start=0):
+def hits(model, x, y, batch_size=256, start=0):
     """(bool per image: predicted right, mean loss) of model, in eval mode, on a split already on its device
     (start: the first stage to run, x its input)."""
     model.eval()
@@ -148,7 +160,7 @@ def hits(model, x, y, batch_size=1000, start=0):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool), loss / max(len(x), 1)
 
 
-def evaluate(model, x, y, batch_size=1000, start=0):
+def evaluate(model, x, y, batch_size=256, start=0):
     """Accuracy (%) and mean loss of model on a split already on its device."""
     hit, loss = hits(model, x, y, batch_size, start)
     return 100.0 * hit.sum().item() / max(len(x), 1), loss
@@ -172,7 +184,7 @@ def source_data(args):
 
 def train(args):
     """Train a source model per args; returns (model, metrics). Used by main() and by finetune.py."""
-    dev = get_device(args.device)
+    dev = get_device(args.device, args.cpu_bf16)
     torch.manual_seed(args.seed)
     (xtr, ytr), test, k = source_data(args)
     # on the device when it fits (all of CIFAR; an ImageNet-family set of ~50k 224 px images is 7.5 GB)

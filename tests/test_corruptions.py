@@ -45,7 +45,7 @@ def test_shape_dtype_determinism(name, images):
 
 
 def test_unknown_name_and_severity_are_clear(images):
-    with pytest.raises(SystemExit, match="valid: paper14, all19"):
+    with pytest.raises(SystemExit, match="valid: paper14, standard15, all19"):
         data.corrupt(images, "fogg", 3)
     with pytest.raises(SystemExit, match="outside 1..5"):
         data.corrupt(images, "fog", 6)

@@ -94,7 +94,7 @@ def test_only_the_tuned_block_changes(source, spec, cache, memo):
     names = FT.tune_names(source, spec)
     k = M.first_stage(names) if cache else 0
     net = copy.deepcopy(source)
-    FT.adapt_stream(net, names, FT.prefix(source, stream_images(), k), ent_args("--tune", spec, "--memo", str(memo)),
+    FT.adapt_stream(net, names, FT.prefix(source, stream_images(), k), ent_args("--tune", spec, "--ent_copies", str(memo)),
                     start=k, **QUIET)
     src = dict(source.named_parameters())
     norms = rgn.norm_param_names(source)

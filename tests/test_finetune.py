@@ -17,7 +17,7 @@ from tinydata import make_images, write_cifar, narrow_resnet26
 QUIET = dict(log=lambda s: None)
 KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
         "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
-        "test_avg_acc"}
+        "test_avg_acc", "variant"}
 
 
 def tiny_args(*extra):
@@ -234,21 +234,30 @@ def test_missing_checkpoint_is_trained_first(tiny, tmp_path, capsys):
     assert os.listdir(tmp_path / "res") == ["cifar_flip-clean-none-s0.json"]
 
 
-@pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "l1"])
+@pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "auto_snr_pe", "l1"])
 def test_automatic_methods_end_to_end(tiny, tmp_path, method):
-    extra = {"auto_rgn": [], "auto_snr": ["--snr_n", "8", "--snr_threshold", "0.3"],
+    extra = {"auto_rgn": [], "auto_snr": ["--epochs", "2"], "auto_snr_pe": ["--snr", "per_example", "--snr_n", "8",
+                                                                             "--snr_threshold", "0.3"],
              "l1": ["--l1_lambdas", "1e-4,1e-3"]}[method]
-    res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", method, "--lrs", "1e-3", *extra))
-    assert os.path.isfile(tmp_path / f"cifar_flip-clean-{method}-s0.json")
+    tune = method.replace("_pe", "")
+    res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", tune, "--lrs", "1e-3", *extra))
+    suffix = "-snr_per_example" if method == "auto_snr_pe" else ""  # a variant never overwrites the default's file
+    assert os.listdir(tmp_path) == [f"cifar_flip-clean-{tune}-s0{suffix}.json"]
     n_all = len(list(M.build_model().parameters()))
     if method == "auto_rgn":  # every tensor but the norms trains; one multiplier line per epoch, the top one at 1
         assert all("bn" not in n and not n.startswith("norm.") for n in res["trained"]["names"])
         (mults,), = [h["rgn"] for h in res["history"]]
         assert set(mults) == {"layer1", "layer2", "layer3", "fc"} and 0 < max(mults.values()) <= 1
-    if method == "auto_snr":
+    if method == "auto_snr":  # the authors' criterion: candidates are the non-norm tensors, chosen every epoch;
+        # a 10-class head's score is at most 0.9 < 0.95, so fc never trains
+        assert all("bn" not in n and not n.startswith("norm.") for n in res["trained"]["names"])
+        per_epoch, = [h["snr"] for h in res["history"]]
+        assert len(per_epoch) == 2 and all(e["fc"] == 0 for e in per_epoch)
+        assert res["snr"] == {"criterion": "eb", "threshold": 0.95} and res["variant"] is None
+    if method == "auto_snr_pe":
         scores, chosen = res["snr"]["scores"], res["snr"]["selected"]
         assert len(scores) == n_all and 0 < len(chosen) < n_all and res["trained"]["names"] == chosen
-        assert all((scores[n] >= 0.3) == (n in chosen) for n in scores)
+        assert all((scores[n] >= 0.3) == (n in chosen) for n in scores) and res["variant"] == "snr_per_example"
     if method == "l1":
         assert [h["lambda"] for h in res["history"]] == [1e-4, 1e-3]
         assert res["selected"]["lambda"] in (1e-4, 1e-3) and res["trained"]["tensors"] == n_all
