@@ -82,6 +82,9 @@ PROTOCOL = {
 }
 
 
+CIFAR_ARCHS = ("resnet26", "wrn28_10")  # the paper's ResNet-26; RobustBench's WRN-28-10 (the authors' released code)
+
+
 def arch_of(data_name):
     return "resnet26" if data_name.startswith("cifar") else "resnet50"
 
@@ -119,7 +122,7 @@ def parse_args(argv=None):
                    help="run the frozen stages before the first tuned one every step instead of once (same result)")
     g.add_argument("--prefix_cache_gb", type=float, default=16, help="memory the cached activations may take; "
                    "splits are cached in the order train, val, test while they fit, the rest run whole")
-    g.add_argument("--bn", default="eval", choices=["eval", "train"], help="ResNet-50's BatchNorm while tuning: eval "
+    g.add_argument("--bn", default="eval", choices=["eval", "train"], help="BatchNorm (ResNet-50, WRN-28-10) while tuning: eval "
                    "(running statistics kept, so the prefix cache is exact) or train (batch statistics; no cache)")
     g = p.add_argument_group("automatic methods (PROTOCOL section 6)")
     g.add_argument("--rgn_measure", default="before", choices=["before", "train"], help="auto_rgn: before = the "
@@ -228,7 +231,7 @@ def cache_stage(names, args, arch="resnet26"):
     """How many leading stages are frozen and computed once: up to the first tuned one (0: no cache; none
     evaluates once, so caching would only add the training split's forward pass; BatchNorm in train mode makes
     the frozen stages' output depend on the batch)."""
-    bn_train = args.bn == "train" and arch == "resnet50"
+    bn_train = args.bn == "train" and arch != "resnet26"  # the others have BatchNorm
     return 0 if args.no_prefix_cache or not names or bn_train else M.first_stage(names, arch)
 
 
@@ -601,7 +604,7 @@ def load_source(args, dev):
         net, metrics = T.train(targs)
         M.save_checkpoint(args.ckpt, net, targs.arch, targs, metrics)
     source, ckpt = M.load_checkpoint(args.ckpt, dev)
-    if ckpt["arch"] != arch_of(args.data):
+    if ckpt["arch"] != arch_of(args.data) and not (args.data.startswith("cifar") and ckpt["arch"] in CIFAR_ARCHS):
         raise SystemExit(f"error: {args.ckpt} holds a {ckpt['arch']}; --data {args.data} needs a "
                          f"{arch_of(args.data)} source (python train.py --data ... --out another path)")
     holdout = int(ckpt["args"].get("holdout") or 0)

@@ -35,10 +35,11 @@ def _level(n, gen):  # MEMO's rand_lvl(1): uniform(0.1, 1), a magnitude on the 0
     return _uniform(n, gen, 0.1, 1.0)
 
 
-def autocontrast(x, gen):  # per image and channel: stretch [min, max] to [0, 255] (PIL's, no cutoff)
-    lo, hi = x.amin((2, 3), keepdim=True).float(), x.amax((2, 3), keepdim=True).float()
-    scale = torch.where(hi > lo, 255 / (hi - lo).clamp_min(1), torch.ones_like(hi))
-    return torch.where(hi > lo, (x - lo) * scale, x.float()).clamp(0, 255).to(torch.uint8)
+def autocontrast(x, gen):  # per image and channel: stretch [min, max] to [0, 255], PIL's arithmetic (float64)
+    lo, hi = x.amin((2, 3), keepdim=True).double(), x.amax((2, 3), keepdim=True).double()
+    scale = 255 / (hi - lo).clamp_min(1)
+    out = (x * scale - lo * scale).clamp(0, 255).to(torch.uint8)  # int() truncates, as PIL's lookup table does
+    return torch.where(hi > lo, out, x)
 
 
 def equalize(x, gen):

@@ -4,9 +4,11 @@ The networks of the paper and the table of blocks that surgical fine-tuning tune
 ResNet-26 (CIFAR): pre-activation, GroupNorm with 8 groups, parameter-free shortcuts, widths 16/32/64, as in the
 test-time-training code the paper's CIFAR checkpoint comes from (PROTOCOL section 1). 366,938 parameters.
 ResNet-50 (ImageNet family, PROTOCOL section 8): torchvision's, BatchNorm, 25,557,032 parameters.
+WideResNet-28-10 (CIFAR, the authors' released code): RobustBench's names, BatchNorm, 36,479,194 parameters.
 
     python model.py                    # print the block table with parameter counts
     python model.py --arch resnet50    # the same for ResNet-50 (no download: the counts need no weights)
+    python model.py --arch wrn28_10    # RobustBench's WideResNet-28-10
 """
 import argparse
 import hashlib
@@ -26,6 +28,7 @@ BLOCKS = {
     "resnet26": {"layer1": ("conv1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",), "fc": ("fc.",)},
     "resnet50": {"layer1": ("conv1.", "bn1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",),
                  "layer4": ("layer4.",), "fc": ("fc.",)},
+    "wrn28_10": {"layer1": ("conv1.", "block1."), "layer2": ("block2.",), "layer3": ("block3.",), "fc": ("fc.",)},
 }
 # The forward pass as a chain of stages, so a frozen prefix can be computed once and cached (finetune.py); each
 # stage with the parameter-name prefixes it holds.
@@ -34,6 +37,8 @@ STAGE_PARAMS = {
                  "head": ("norm.", "fc.")},
     "resnet50": {"conv1": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",), "layer3": ("layer3.",),
                  "layer4": ("layer4.",), "head": ("fc.",)},
+    "wrn28_10": {"conv1": ("conv1.",), "block1": ("block1.",), "block2": ("block2.",), "block3": ("block3.",),
+                 "head": ("bn1.", "fc.")},
 }
 STAGES = tuple(STAGE_PARAMS["resnet26"])
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights expect these
@@ -145,7 +150,78 @@ class ResNet50(nn.Module):
     forward = ResNet26.forward
 
 
-ARCHS = {"resnet26": ResNet26, "resnet50": ResNet50}
+class WideBlock(nn.Module):
+    """RobustBench's WideResNet unit (its names: bn1, conv1, bn2, conv2, convShortcut): pre-activation; where the
+    shape changes, the 1x1 shortcut conv and the residual branch both start from the activated input."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal = c_in == c_out
+        self.convShortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        h = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return (x if self.equal else self.convShortcut(a)) + h
+
+
+class WideNetworkBlock(nn.Module):
+    def __init__(self, n, c_in, c_out, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet28(nn.Module):
+    """WideResNet-28-10 with RobustBench's parameter names, so its CIFAR-10 "Standard" checkpoint (the model the
+    authors' released code fine-tunes on CIFAR-10-C) loads as it is: BatchNorm (kept in eval mode by finetune.py's
+    --bn eval), inputs in [0, 1] with no normalisation, as RobustBench's models take them. 36,479,194 parameters.
+    depth / width: smaller nets of the same names (tests)."""
+    arch, stages = "wrn28_10", tuple(STAGE_PARAMS["wrn28_10"])
+
+    def __init__(self, num_classes=10, depth=28, width=10):
+        super().__init__()
+        n, c = (depth - 4) // 6, (16, 16 * width, 32 * width, 64 * width)
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
+        self.block1 = WideNetworkBlock(n, c[0], c[1], 1)
+        self.block2 = WideNetworkBlock(n, c[1], c[2], 2)
+        self.block3 = WideNetworkBlock(n, c[2], c[3], 2)
+        self.bn1, self.fc = nn.BatchNorm2d(c[3]), nn.Linear(c[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+        nn.init.zeros_(self.fc.bias)
+
+    def stage(self, name, x):
+        if name == "conv1":
+            return self.conv1(x.float() / 255 if x.dtype == torch.uint8 else x)
+        if name == "head":
+            return self.fc(F.relu(self.bn1(x)).mean((2, 3)))
+        return getattr(self, name)(x)
+
+    forward = ResNet26.forward
+
+
+def load_robustbench(state):
+    """A RobustBench WideResNet-28-10 state dict ({"state_dict": ...} or bare, "module." prefixes allowed) -> the
+    model; None when the keys are not that network's."""
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "block1.layer.0.conv1.weight" not in state:
+        return None
+    n = len({k.split(".")[2] for k in state if k.startswith("block1.layer.")})  # units per block: depth = 6n + 4
+    width = state["block1.layer.0.conv1.weight"].shape[0] // 16
+    model = WideResNet28(state["fc.weight"].shape[0], depth=6 * n + 4, width=width)
+    model.load_state_dict(state)
+    return model
+
+
+ARCHS = {"resnet26": ResNet26, "resnet50": ResNet50, "wrn28_10": WideResNet28}
 
 
 def build_model(arch="resnet26", num_classes=10, weights=None):
@@ -247,6 +323,17 @@ def paper_checkpoint_path():
     return path
 
 
+def _unpickle_ttt(path):
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2; the file names it numpy.core.multiarray.scalar
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    # err_cls is a numpy float64: allow exactly the types that rebuild it, never weights_only=False
+    with torch.serialization.safe_globals([(scalar, "numpy.core.multiarray.scalar"), scalar, np.dtype,
+                                          type(np.dtype("float64"))]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_ttt(path, device):
     """A checkpoint in the test-time-training / MEMO format ({"err_cls", "net", ...}), as the paper's ResNet-26.
     Only the published file is accepted: its sha256 is checked before it is unpickled."""
@@ -254,14 +341,7 @@ def _load_ttt(path, device):
     if digest != PAPER_CKPT_SHA256:
         raise SystemExit(f"error: {path} has sha256 {digest[:12]}..., not the paper checkpoint's "
                          f"{PAPER_CKPT_SHA256[:12]}...; delete it and download it again ({PAPER_CKPT_URL})")
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2; the file names it numpy.core.multiarray.scalar
-    except ImportError:
-        from numpy.core.multiarray import scalar
-    # err_cls is a numpy float64: allow exactly the types that rebuild it, never weights_only=False
-    with torch.serialization.safe_globals([(scalar, "numpy.core.multiarray.scalar"), np.dtype,
-                                          type(np.dtype("float64"))]):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = _unpickle_ttt(path)
     state = {("norm." + k[3:] if k.startswith("bn.") else k): v for k, v in raw["net"].items()}
     model = build_model("resnet26", 10)
     model.load_state_dict(state)
@@ -273,7 +353,7 @@ def _load_ttt(path, device):
 
 def load_checkpoint(path, device="cpu"):
     """Returns (model, ckpt) for a checkpoint of ours, the paper's file ("paper": downloaded on first use; or a local
-    copy). One clear line and exit != 0 when the file is missing, not a checkpoint, or not the published file."""
+    copy), or a RobustBench WideResNet-28-10 state dict (its CIFAR-10 Standard.pt, which RobustBench downloads). One clear line and exit != 0 when the file is missing, not a checkpoint, or not the published file."""
     if path == "paper":
         path = paper_checkpoint_path()
     if not os.path.isfile(path):
@@ -295,6 +375,10 @@ def load_checkpoint(path, device="cpu"):
                              f"and download it again ({PAPER_CKPT_URL})")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        wrn = load_robustbench(ckpt) if isinstance(ckpt, dict) and "version" not in ckpt else None
+        if wrn is not None:  # a RobustBench file, e.g. its CIFAR-10 Standard.pt
+            return wrn.to(device), {"version": CKPT_VERSION, "arch": "wrn28_10", "num_classes": wrn.fc.out_features,
+                                    "args": {"holdout": 0}, "metrics": {"test_acc": None, "source": path}}
         assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION, "not a version-1 checkpoint dict"
         model = build_model(ckpt["arch"], ckpt["num_classes"])
         model.load_state_dict(ckpt["state_dict"])
@@ -312,10 +396,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = build_model(args.arch, 10 if args.arch == "resnet26" else 1000)
+    model = build_model(args.arch, 1000 if args.arch == "resnet50" else 10)
     print(block_table(model, args.arch))
-    if args.arch == "resnet26":
-        print(f"{'norm':8s} {sum(p.numel() for p in model.norm.parameters()):>10,d}  (final norm, tuned only under all)")
+    final = {"resnet26": "norm", "wrn28_10": "bn1"}.get(args.arch)  # the final norm, outside every block
+    if final:
+        n = sum(p.numel() for p in getattr(model, final).parameters())
+        print(f"{final:8s} {n:>10,d}  (final norm, tuned only under all)")
 
 
 if __name__ == "__main__":

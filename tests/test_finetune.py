@@ -2,15 +2,18 @@
 prefix cache's equivalence, the selection rule, bad input, and end-to-end runs of every --tune family."""
 import copy
 import glob
+import itertools
 import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import finetune as FT
 import model as M
+import rgn
 import train as T
 from tinydata import make_images, write_cifar, narrow_resnet26
 
@@ -282,3 +285,50 @@ def test_unreadable_checkpoint_fails_with_one_line(tiny, tmp_path):
         FT.main(ft_argv(tiny, tmp_path / "res", "--data", "cifar_flip", "--tune", "fc", ckpt=str(bad)))
     assert "not a readable checkpoint" in str(e.value.code) and "\n" not in str(e.value.code)
     assert not os.path.exists(tmp_path / "res")
+
+
+def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monkeypatch):
+    # The same run with the test split scored every epoch and only at new val records: the same selection, the
+    # same test accuracy, the same val curve; far fewer test passes.
+    target = tiny_splits(n_val=12)
+    calls, measure = [], FT.measure
+
+    def counting(model, split, start=0):
+        calls.append(len(split[0]))
+        return measure(model, split, start)
+    monkeypatch.setattr(FT, "measure", counting)
+    out = {}
+    for every in (True, False):
+        calls.clear()
+        args = tiny_args("--tune", "layer2", "--lrs", "1e-1,1e-2,1e-3", "--epochs", "4", "--out_dir", str(tmp_path),
+                         *(["--test_every_epoch"] if every else []))
+        out[every] = FT.run(args, source, target, None, "clean", 0.0, **QUIET), calls.count(16)
+    (full, n_full), (lean, n_lean) = out[True], out[False]
+    assert lean["selected"] == full["selected"] and lean["test_acc"] == full["test_acc"]
+    assert [e["val_acc"] for h in lean["history"] for e in h["epochs"]] == \
+           [e["val_acc"] for h in full["history"] for e in h["epochs"]]
+    assert n_full == 1 + 3 * 4 and n_lean < n_full  # epoch 0 once, then every epoch of every lr
+    scored = [e for h in lean["history"] for e in h["epochs"][1:] if e["test_acc"] is not None]
+    assert all(e["test_acc"] == f["test_acc"] for e, f in zip(
+        [e for h in lean["history"] for e in h["epochs"]], [f for h in full["history"] for f in h["epochs"]])
+        if e["test_acc"] is not None) and 1 + len(scored) == n_lean
+
+
+def test_auto_rgn_measures_at_the_epoch_start_weights(source):
+    # --rgn_measure before (the authors'): the epoch's rates are the RGN of 5 probe batches (their own shuffle,
+    # seed + 1) at the weights the epoch starts from, computed here by hand, before any step.
+    args = tiny_args("--tune", "auto_rgn", "--epochs", "1", "--batch_size", "4")
+    splits = tiny_splits()
+    names = [n for n in FT.tune_names(source, "auto_rgn") if n not in rgn.norm_param_names(source)]
+    net = copy.deepcopy(source)
+    ps = dict(net.named_parameters())
+    gm, sums = torch.Generator().manual_seed(args.seed + 1), torch.zeros(len(names))
+    for x, y in itertools.islice(data.batches(*splits["train"], 4, shuffle=True, generator=gm), 5):
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), [ps[n] for n in names])
+        sums += torch.tensor([(g.norm() / ps[n].norm()).item() for n, g in zip(names, grads)])
+    want = dict(zip(names, (sums / sums.max()).tolist()))
+    h, _ = FT.finetune(copy.deepcopy(source), FT.tune_names(source, "auto_rgn"), splits, 1e-3, args, **QUIET)
+    got = h["rgn"][0]
+    for b, prefixes in M.BLOCKS["resnet26"].items():
+        ms = [m for n, m in want.items() if n.startswith(prefixes)]
+        assert got[b] == pytest.approx(sum(ms) / len(ms), rel=1e-4), b

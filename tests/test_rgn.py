@@ -234,3 +234,26 @@ def test_snr_on_resnet26_uint8_images():
     scores = snr_scores(net, F.cross_entropy, x, y, chunk_size=3)
     assert list(scores) == [n for n, _ in net.named_parameters()]
     assert min(scores.values()) == 0.0 and max(scores.values()) == 1.0
+
+
+def test_eb_scores_match_hand_computation_and_a_head_cannot_pass():
+    # The authors' criterion: per minibatch, mean over entries of g^2 / (var of g over dim 0 + 1e-8), averaged over
+    # the minibatches. A softmax head's gradient sums to zero over the classes, so its score is at most (C-1)/C.
+    from rgn import eb_scores
+    torch.manual_seed(0)
+    net = Tiny(d_out=3)
+    named = [(n, p) for n, p in net.named_parameters() if n.startswith(("fc1.", "fc2."))]
+    bs = batches(5)
+    got = eb_scores(lambda x, y: F.cross_entropy(net(x), y), bs, named)
+    want = dict.fromkeys(got, 0.0)
+    for x, y in bs:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        for n, p in named:
+            g = p.grad
+            want[n] += ((g * g) / (torch.var(g, dim=0, keepdim=True) + 1e-8)).mean().item() / 5
+    assert got == pytest.approx(want, rel=1e-5)
+    head = nn.Linear(6, 10)
+    x, y = torch.randn(16, 6), torch.randint(0, 10, (16,))
+    s = eb_scores(lambda x, y: F.cross_entropy(head(x), y), [(x, y)], list(head.named_parameters()))
+    assert max(s.values()) <= 0.9 + 1e-6 and min(s.values()) > 0.8  # 0.9 exactly, up to the 1e-8

@@ -154,3 +154,12 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
     assert f"--data waterbirds --tune fc --seed 0 --ckpt {tmp_path / 'ck' / 'waterbirds.pt'}" in wb
     assert f"--waterbirds_dir {tmp_path / 'wb'}" in wb
     assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
+
+
+def test_objective_memo_lists_its_own_files(env):
+    # OBJECTIVE=memo: result names end in -memo, a comma-free block list (layer1+layer2) is one tune, and the
+    # supervised results of the same grid do not count as done
+    listed = sweep({**env, "OBJECTIVE": "memo", "METHODS": "none layer1+layer2"}, "--list").stdout.splitlines()
+    outs = [os.path.basename(line.split("\t")[0]) for line in listed]
+    assert outs == ["cifar_c-gaussian_noise-none-s0-memo.json", "cifar_c-gaussian_noise-layer1+layer2-s0-memo.json"]
+    assert all("--objective memo" in line for line in listed)

@@ -113,3 +113,20 @@ def test_no_results_is_one_clear_error(tmp_path):
     (tmp_path / "a.json.tmp1").write_text("{")
     with pytest.raises(SystemExit, match="no finetune.py results"):
         table.main(["--results", str(tmp_path)])
+
+
+def test_variants_and_memo_get_their_own_rows(tmp_path):
+    d = str(tmp_path)
+    put(d, "cifar_flip", "clean", "auto_snr", 0, 17.0)
+    r = {"data": "cifar_flip", "corruption": "clean", "tune": "auto_snr", "seed": 0, "test_acc": 90.0, "val_acc": 0,
+         "variant": "snr_per_example", "args": {"epochs": 15}}
+    (tmp_path / "cifar_flip-clean-auto_snr-s0-snr_per_example.json").write_text(json.dumps(r))
+    for t, acc in (("none", 60.0), ("layer1+layer2", 75.0)):
+        for c in ("fog", "snow"):
+            m = {"data": "cifar_c", "corruption": c, "tune": t, "seed": 0, "test_acc": acc + (c == "fog"),
+                 "val_acc": None, "objective": "memo", "args": {}}
+            (tmp_path / f"cifar_c-{c}-{t}-s0-memo.json").write_text(json.dumps(m))
+    md = table.render(*table.load(d), d)
+    assert "| Auto-SNR | no data | no data | no data | no data | 17.0 (-) |" in md  # the default criterion's cell
+    assert "| auto_snr[snr_per_example] | 90.0 (-) |" in md  # the variant: its own row, never averaged in
+    assert "## Unsupervised: MEMO" in md and "| layer1+layer2 | 75.5 (-) |" in md and "| none | 60.5 (-) |" in md
