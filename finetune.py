@@ -1,22 +1,24 @@
 """
 Surgical fine-tuning: adapt the source ResNet-26 to a shifted target by training one block (or a method's choice of
-parameters), select lr and epoch on target validation, report target test accuracy (PROTOCOL sections 3-6).
+parameters), select lr and epoch on target validation, report target test accuracy (PROTOCOL sections 3-6). The CIFAR
+source is the paper's own checkpoint (--ckpt paper, downloaded once and checksum-checked).
 
     python finetune.py --data cifar_c --tune layer1              # 14 corruptions of the paper, severity 5, seed 0
     python finetune.py --data cifar_c --corruption gaussian_noise --tune all --seed 1
     python finetune.py --data cifar_flip --tune fc               # labels y -> 9 - y (the common reading of the
                                                                  # paper's unpublished map); the source scores ~0%
     python finetune.py --tune auto_rgn | auto_snr | l1           # the automatic methods, over every parameter
-    python finetune.py --objective entropy --tune layer1         # unsupervised, the paper's label-free setting:
-                                                                 # entropy minimisation on the unlabelled test stream
+    python finetune.py --objective memo --tune layer1            # unsupervised, the paper's label-free table: MEMO
+                                                                 # per test image (memo.py), from the source each time
+    python finetune.py --objective entropy --tune layer1         # unsupervised, TENT-style: entropy minimisation
+                                                                 # on the unlabelled test stream
     python finetune.py --data imagenet_c --imagenet_c_dir /data/imagenet-c --tune layer1   # ResNet-50, section 8:
     python finetune.py --data living17 | entity30 | waterbirds | celeba --tune layer4       # the user's folders
 
-Per run: 3 lrs x 15 epochs on 1,000 target images (16 steps an epoch), val/test after every epoch. With the prefix
-cache, --tune fc trains the head on features computed once, so it takes seconds even on a CPU; --tune all or layer1
-backpropagates through the whole net (python bench.py --what finetune has the timings). On the 4k-image CIFAR sample
-with a weak --small source (38.9% clean), 2 CPU cores: cifar_flip fc 7.3% -> 38.9% in 7 s (3 lrs); layer1 at lr
-1e-3 alone 7.3% -> 25.7% in 94 s.
+Per run: 3 lrs x 15 epochs on 1,000 target images (16 steps an epoch), val after every epoch, test where the
+selection can land (--test_every_epoch: every epoch). With the prefix cache, --tune fc trains the head on features
+computed once, so it takes seconds even on a CPU; --tune all or layer1 backpropagates through the whole net: about
+1.5 minutes a run with --cpu_bf16 on 2 CPU cores (README "The paper's CIFAR cells" has the measured times).
 
 Result: one JSON per (data, corruption, tune, seed) in --out_dir, e.g. results/cifar_c-gaussian_noise-layer1-s0.json
 (cifar_flip: cifar_flip-clean-fc-s0.json; a prefix list such as layer2.0.,fc. is written layer2.0.+fc.), holding
@@ -28,8 +30,9 @@ Result: one JSON per (data, corruption, tune, seed) in --out_dir, e.g. results/c
     history                                   one entry per lr in grid order (l1: every lr for each lambda):
                                               {"lr", "lambda", "epochs": [{"epoch", "train_loss", "val_acc",
                                               "val_loss", "test_acc", "test_loss", "seconds"}, ...] from epoch 0 (the
-                                              source model, train_loss null), "rgn": per epoch {block: mean lr
-                                              multiplier} (auto_rgn only)}
+                                              source model, train_loss null; test_acc null where the test split
+                                              was not scored), "rgn": per epoch {block: mean lr multiplier}
+                                              (auto_rgn), "snr": per epoch {block: tensors trained} (auto_snr eb)}
     selected                                  {"lr", "lambda", "epoch", "val_acc", "test_acc"}: best target-val
                                               accuracy over epochs 1..E, ties -> first seen (lr grid order, then epoch)
     test_acc, val_acc                         target accuracies (%) at the selection; tune none: epoch 0
@@ -38,11 +41,15 @@ Result: one JSON per (data, corruption, tune, seed) in --out_dir, e.g. results/c
                                               the 4 group accuracies and history has val/test_avg_acc, test_group_acc
     source_acc, source_acc_before             source-distribution test accuracy (%) of the selected model / the
                                               checkpoint: clean CIFAR-10; BREEDS: the source subclasses; else null
-    snr                                       auto_snr: {"threshold", "scores": {name: score}, "selected": [names]}
+    snr                                       auto_snr: {"criterion", "threshold"} (per_example: also "scores":
+                                              {name: score}, "selected": [names])
+    variant                                   a method's non-default flags (e.g. "snr_per_example"), also at the
+                                              end of the file name; null for the default method
     seconds, torch, device                    wall time of the run, versions, hardware
---objective entropy writes ...-s0-entropy.json with "objective": "entropy" added; its history is one entry {"lr",
-"lambda": null, "stream": [{"batch", "n", "entropy", "acc", "seconds"}, ...]}, test_acc the accuracy (%) of the
-stream's predictions, val_acc and selected.epoch null, source_acc the clean accuracy of the model the stream left.
+--objective entropy / memo write ...-s0-entropy.json / -memo.json with "objective" added; the history is one entry
+{"lr", "lambda": null, "stream": [{"batch", "n", "entropy", "acc", "seconds"}, ...]} (memo: per chunk of images),
+test_acc the accuracy (%) of the predictions, val_acc and selected.epoch null, source_acc the clean accuracy of the
+model the stream left (memo: the source's; every image starts from it).
 The paper's table reads these: No Adaptation = tune none; Cross-Val = per (data, seed) the block among
 layer1/layer2/layer3/fc with the best val_acc, at its test_acc; Full Fine-Tuning = all; L1 = l1; Auto-SNR; Auto-RGN.
 """
@@ -122,7 +129,8 @@ def parse_args(argv=None):
                    help="run the frozen stages before the first tuned one every step instead of once (same result)")
     g.add_argument("--prefix_cache_gb", type=float, default=16, help="memory the cached activations may take; "
                    "splits are cached in the order train, val, test while they fit, the rest run whole")
-    g.add_argument("--bn", default="eval", choices=["eval", "train"], help="BatchNorm (ResNet-50, WRN-28-10) while tuning: eval "
+    g.add_argument("--bn", default="eval", choices=["eval", "train"], help="BatchNorm (ResNet-50, WRN-28-10) while "
+                   "tuning: eval "
                    "(running statistics kept, so the prefix cache is exact) or train (batch statistics; no cache)")
     g = p.add_argument_group("automatic methods (PROTOCOL section 6)")
     g.add_argument("--rgn_measure", default="before", choices=["before", "train"], help="auto_rgn: before = the "
@@ -155,8 +163,9 @@ def parse_args(argv=None):
                    "split); each is predicted and scored first, then adapted on")
     g.add_argument("--episodic", action="store_true", help="reset to the source model for every batch, adapt on it, "
                    "then predict it (predicting first would score the source model); default continual")
-    g.add_argument("--ent_copies", type=int, default=0, help="N > 0: minimise the entropy of each image's mean prediction "
-                   "over N random crop+flip copies (MEMO-style, not its AugMix); 0: per-image entropy (TENT)")
+    g.add_argument("--ent_copies", type=int, default=0, help="N > 0: minimise the entropy of each image's mean "
+                   "prediction over N random crop+flip copies (MEMO-style, not its AugMix); 0: per-image entropy "
+                   "(TENT)")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt", default=None, help="source checkpoint, trained first (train.py) if missing; default "
                    "CIFAR: paper = the paper's ResNet-26 (downloaded once; a local copy's path works too), "
@@ -674,8 +683,9 @@ def main(argv=None):
             print(f"  unsupervised: the test split as a stream (order: seed {args.seed}), no label read; batches of "
                   f"{args.ent_batch_size}, " + ("each adapted from the source, then predicted" if args.episodic else
                   "each predicted, then adapted on (continual)") + f"; {args.ent_steps} Adam step(s) at lr "
-                  f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.ent_copies} crop+flip copies" if args.ent_copies
-                  else "prediction entropy") + f", BatchNorm {args.bn} mode, device {dev.type}")
+                  f"{args.ent_lr:g} on the " + (f"marginal entropy over {args.ent_copies} crop+flip copies"
+                                                if args.ent_copies else "prediction entropy")
+                  + f", BatchNorm {args.bn} mode, device {dev.type}")
         elif i == 0 and args.objective == "memo":
             print(f"  unsupervised, MEMO: per test image (order: seed {args.seed}), from the source weights, "
                   f"{args.memo_copies} AugMix copies, one plain SGD step at lr {args.memo_lr:g} on the entropy of "

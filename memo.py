@@ -128,7 +128,8 @@ def marginal_entropy(logits):
 def adapt(model, names, x, args, log=print, chunk=32):
     """Predictions (N,) for uint8 images x: each by the source model after one SGD step (lr args.memo_lr) on the
     marginal entropy of args.memo_copies AugMix copies of that image, taken by the named parameters only, then
-    undone. Also a list of per-chunk records {"batch", "n" images, "entropy" (mean loss), "seconds"}. No label comes in."""
+    undone. Also a list of per-chunk records {"batch", "n" images, "entropy" (mean loss), "seconds"}. No label
+    comes in."""
     params = M.freeze_except(model, names)
     src = [p.detach().clone() for p in params]
     gen = torch.Generator(device=x.device).manual_seed(args.seed)

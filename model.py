@@ -353,7 +353,8 @@ def _load_ttt(path, device):
 
 def load_checkpoint(path, device="cpu"):
     """Returns (model, ckpt) for a checkpoint of ours, the paper's file ("paper": downloaded on first use; or a local
-    copy), or a RobustBench WideResNet-28-10 state dict (its CIFAR-10 Standard.pt, which RobustBench downloads). One clear line and exit != 0 when the file is missing, not a checkpoint, or not the published file."""
+    copy), or a RobustBench WideResNet-28-10 state dict (its CIFAR-10 Standard.pt, which RobustBench downloads).
+    One clear line and exit != 0 when the file is missing, not a checkpoint, or not the published file."""
     if path == "paper":
         path = paper_checkpoint_path()
     if not os.path.isfile(path):

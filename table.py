@@ -70,7 +70,8 @@ def cell(vals, n_expected):
 def summarize(res):
     """The numbers behind both tables: {"cells": {(row, column): cell}, "fig2": {(block, column): cell},
     "ranks": {row: avg rank or None}, "picks": {column: Counter of Cross-Val's blocks}, "grid": {column: (corruptions,
-    seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is every (corruption, seed) any of its results has."""
+    seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is every (corruption,
+    seed) any of its results has."""
     out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}}
     for col, data in COLUMNS.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (corruption, tune, seed) -> result
