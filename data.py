@@ -20,15 +20,54 @@ import numpy as np
 import torch
 
 from corruptions import CORRUPTIONS
+from model import atomic_save
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def _atomic_save(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+def _digest(obj):
+    """sha1 of every tensor's bytes in obj (a tensor, or dicts / tuples of them), in order, without copies."""
+    h = hashlib.sha1()
+    stack = [obj]
+    while stack:
+        o = stack.pop(0)
+        if isinstance(o, torch.Tensor):
+            h.update(o.contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            stack = list(o.values()) + stack
+        elif isinstance(o, (list, tuple)):
+            stack = list(o) + stack
+    return h.hexdigest()
+
+
+def _save_cache(obj, path):
+    """obj with its checksum, atomically (model.atomic_save): a cache that changes on disk is caught on load."""
+    atomic_save({"sha1": _digest(obj), "data": obj}, path)
+
+
+def _load_cache(path):
+    """A cache file's content, or None (then the caller rebuilds it) when it is missing, unreadable or its bytes
+    no longer match the checksum written with it."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        c = torch.load(path, weights_only=True)
+        if c["sha1"] == _digest(c["data"]):
+            return c["data"]
+    except Exception:
+        pass
+    print(f"note: the cache {path} is unreadable or fails its checksum; rebuilding it")
+    return None
+
+
+def _file_digest(paths):
+    """sha1 of the files' contents: a cache keyed by it follows any change to them, whatever their times say."""
+    h = hashlib.sha1()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -37,14 +76,20 @@ def _atomic_save(obj, path):
 def _read_batches(folder, names):
     xs, ys = [], []
     for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-        if "data" not in d or "labels" not in d:
-            raise SystemExit(f"error: {os.path.join(folder, name)} has no data/labels keys; "
-                             f"expected the official CIFAR-10 python format")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # any number of images per file
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+            x, y = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
+        except Exception as e:  # truncated, not a pickle, not a dict, no data / labels
+            raise SystemExit(f"error: {path} is not a CIFAR-10 python batch ({type(e).__name__}); replace it with the "
+                             f"file from the official archive {CIFAR_URL}")
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y) or ((y < 0) | (y > 9)).any():
+            raise SystemExit(f"error: {path} holds data of shape {x.shape} and {len(y)} labels in {y.min(initial=0)}"
+                             f"..{y.max(initial=0)}; expected (N, 3072) images and N labels in 0..9")
+        xs.append(x.reshape(-1, 3, 32, 32))  # any number of images per file
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -53,7 +98,7 @@ def load_cifar10(data_dir="data", cache_dir="data/cache", download=True):
 
     Reads <data_dir>/cifar-10-batches-py (whatever number of images each batch file holds); when that folder is
     missing, downloads the official archive through torchvision. The decoded tensors are cached in cache_dir
-    (None: no cache), keyed by the files' paths, sizes and times, so a reload takes milliseconds."""
+    (None: no cache) with a checksum, keyed by the files' contents, so a reload takes a fraction of a second."""
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(folder) and download:
         try:
@@ -67,18 +112,13 @@ def load_cifar10(data_dir="data", cache_dir="data/cache", download=True):
         raise SystemExit(f"error: {folder} lacks data_batch_* or test_batch; "
                          f"extract the official archive {CIFAR_URL} into {data_dir}")
     files = train_files + [os.path.join(folder, "test_batch")]
-    key = hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files])
-                       .encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir, f"cifar10_{key}.pt") if cache_dir else None
-    if cache and os.path.isfile(cache):
-        try:
-            return torch.load(cache, weights_only=True)
-        except Exception:
-            pass  # unreadable cache: rebuild it below
-    out = {"train": _read_batches(folder, [os.path.basename(f) for f in train_files]),
-           "test": _read_batches(folder, ["test_batch"])}
-    if cache:
-        _atomic_save(out, cache)
+    cache = os.path.join(cache_dir, f"cifar10_{_file_digest(files)[:12]}.pt") if cache_dir else None
+    out = _load_cache(cache) if cache else None
+    if out is None:
+        out = {"train": _read_batches(folder, [os.path.basename(f) for f in train_files]),
+               "test": _read_batches(folder, ["test_batch"])}
+        if cache:
+            _save_cache(out, cache)
     return out
 
 
@@ -156,6 +196,9 @@ def source_and_pool(d, holdout=0):
     moves the last `holdout` training images into it, for small copies of CIFAR-10 whose test split is too small
     for the paper's per-class counts. The source model must then be trained with the same holdout."""
     (xt, yt), (xs, ys) = d["train"], d["test"]
+    if not 0 <= holdout < len(xt):
+        raise SystemExit(f"error: --holdout {holdout} must be in 0..{len(xt) - 1}: the training split has {len(xt):,d} "
+                         f"images and some must stay for source training")
     if holdout:
         return (xt[:-holdout], yt[:-holdout]), (torch.cat([xs, xt[-holdout:]]), torch.cat([ys, yt[-holdout:]]))
     return (xt, yt), (xs, ys)
@@ -163,22 +206,27 @@ def source_and_pool(d, holdout=0):
 
 def target_split(y, train_n=1000, val_per_class=10, test_per_class=90, seed=0, num_classes=10):
     """Per class, a seeded shuffle: train_n/num_classes for training, the next val_per_class for validation, the
-    next test_per_class for test. Depends on labels and seed only, so every corruption and tune option shares it.
+    next test_per_class (0: all the rest) for test; disjoint by construction, as consecutive slices of one shuffle.
+    Depends on labels and seed only, so every corruption and tune option shares it.
     Returns {"train": idx, "val": idx, "test": idx} (int64, sorted)."""
-    if train_n % num_classes:
-        raise SystemExit(f"error: --train_n {train_n} must be a multiple of {num_classes} (balanced classes)")
+    if train_n % num_classes or min(train_n, val_per_class) < 1 or test_per_class < 0:
+        raise SystemExit(f"error: --train_n {train_n} must be a positive multiple of {num_classes} (balanced classes), "
+                         f"--val_per_class {val_per_class} at least 1 and --test_per_class {test_per_class} >= 0")
+    if (y < 0).any() or (y >= num_classes).any():
+        raise SystemExit(f"error: labels outside 0..{num_classes - 1} in the target pool; is this CIFAR-10?")
     k = train_n // num_classes
     g = torch.Generator().manual_seed(seed)
     out = {"train": [], "val": [], "test": []}
     for c in range(num_classes):
         idx = (y == c).nonzero().flatten()
-        if len(idx) < k + val_per_class + test_per_class:
+        if len(idx) < k + val_per_class + max(test_per_class, 1):
             raise SystemExit(f"error: class {c} has {len(idx)} images in the target pool, fewer than train_n/"
                              f"{num_classes} + val + test = {k}+{val_per_class}+{test_per_class}; lower --train_n, "
                              f"--val_per_class or --test_per_class")
         idx = idx[torch.randperm(len(idx), generator=g)]
         for split, (a, b) in {"train": (0, k), "val": (k, k + val_per_class),
-                              "test": (k + val_per_class, k + val_per_class + test_per_class)}.items():
+                              "test": (k + val_per_class, k + val_per_class + test_per_class if test_per_class
+                                       else len(idx))}.items():
             out[split].append(idx[a:b])
     return {s: torch.cat(v).sort().values for s, v in out.items()}
 
@@ -218,15 +266,12 @@ def shifted_pool(pool, shift, severity=5, seed=0, cache_dir=None, device="cpu", 
     device = torch.device(device)
     key = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{shift}_s{severity}_seed{seed}_{key}_{device.type}.pt") if cache_dir else None
-    if path and os.path.isfile(path):
-        try:
-            return torch.load(path, weights_only=True), y
-        except Exception:
-            pass  # unreadable: generate again
-    g = torch.Generator(device=device).manual_seed(seed)
-    xc = torch.cat([corrupt(xb.to(device), shift, severity, generator=g).cpu() for xb in x.split(2000)])
-    if path:
-        _atomic_save(xc, path)
+    xc = _load_cache(path) if path else None
+    if xc is None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        xc = torch.cat([corrupt(xb.to(device), shift, severity, generator=g).cpu() for xb in x.split(2000)])
+        if path:
+            _save_cache(xc, path)
     return xc, y
 
 
@@ -265,21 +310,19 @@ def _read_image(path, size):
 
 def read_images(paths, size=224, cache_dir=None, threads=8):
     """uint8 (N,3,size,size), decoded in a thread pool. With cache_dir, a result of at most CACHE_MAX_BYTES is
-    cached there as one file keyed by the files' paths, sizes and times and by size. A file that cannot be read or
+    cached there as one checksummed file keyed by the files' paths, sizes, inodes and nanosecond times and by size. A file that cannot be read or
     decoded stops with one line naming it."""
     n, cache = len(paths), None
     if cache_dir and n * 3 * size * size <= CACHE_MAX_BYTES:
         for p in paths:
             if not os.path.isfile(p):
                 _read_image(p, size)  # raises the one-line error naming it
-        key = hashlib.sha1(repr(([(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths],
-                                 size)).encode()).hexdigest()[:16]
+        stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns, s.st_ino) for p in paths for s in [os.stat(p)]]
+        key = hashlib.sha1(repr((stats, size)).encode()).hexdigest()[:16]  # thousands of files: stat, not content
         cache = os.path.join(cache_dir, f"images_{n}x{size}_{key}.pt")
-        if os.path.isfile(cache):
-            try:
-                return torch.load(cache, weights_only=True)
-            except Exception:
-                pass  # unreadable cache: decode again below
+        cached = _load_cache(cache)
+        if cached is not None:
+            return cached
     x = torch.empty((n, 3, size, size), dtype=torch.uint8)  # filled in place: no second copy of a large set
     pool = ThreadPoolExecutor(threads)
     try:
@@ -288,7 +331,7 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, stop at once rather than decode the rest
     if cache:
-        _atomic_save(x, cache)
+        _save_cache(x, cache)
     return x
 
 

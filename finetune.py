@@ -55,12 +55,14 @@ layer1/layer2/layer3/fc with the best val_acc, at its test_acc; Full Fine-Tuning
 """
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import shlex
+import sys
 import time
 
 import torch
@@ -107,7 +109,8 @@ def parse_args(argv=None):
     g.add_argument("--train_n", type=int, default=None, help="target training images, balanced over classes (groups "
                    "for waterbirds, celeba); default per --data: PROTOCOL above")
     g.add_argument("--val_per_class", type=int, default=None, help="per group for waterbirds and celeba")
-    g.add_argument("--test_per_class", type=int, default=None, help="per group for waterbirds and celeba; 0 = all")
+    g.add_argument("--test_per_class", type=int, default=None, help="per group for waterbirds and celeba; 0 = all "
+                   "the rest; --objective memo: 100")
     g.add_argument("--split_seed", type=int, default=0, help="seed of the per-class shuffle; fixed across --seed, "
                    "so every seed is tested on the same images (the paper's No-Adaptation std is 0)")
     g.add_argument("--cifar10c_dir", default="", help="read cifar_c images from the official CIFAR-10-C release "
@@ -183,12 +186,15 @@ def parse_args(argv=None):
     g.add_argument("--source_args", default="", help="extra train.py flags for a source model trained here")
     args = p.parse_args(argv)
     proto = PROTOCOL[args.data]  # flags not given take the protocol's values
+    if args.objective == "memo" and args.test_per_class is None:
+        args.test_per_class = 100  # MEMO adapts on test images only: 1,000 of them (ours; the paper does not say)
     for flag, key in (("train_n", "train_n"), ("val_per_class", "val"), ("test_per_class", "test"),
                       ("epochs", "epochs"), ("wd", "wd")):
         setattr(args, flag, proto[key] if getattr(args, flag) is None else getattr(args, flag))
     if args.snr_threshold is None:
         args.snr_threshold = 0.95 if args.snr == "eb" else 0.2
-    args.corruption = args.corruption or {"cifar_c": "paper14", "imagenet_c": "paper15"}.get(args.data, "clean")
+    if args.corruption is None:  # an empty --corruption is an error below, never "all"
+        args.corruption = {"cifar_c": "paper14", "imagenet_c": "paper15"}.get(args.data, "clean")
     args.ckpt = args.ckpt or {"cifar_c": "paper", "cifar_flip": "paper",
                               "imagenet_c": "imagenet"}.get(args.data, f"ckpt/{args.data}.pt")
     try:
@@ -196,8 +202,7 @@ def parse_args(argv=None):
         args.lambda_list = [float(v) for v in args.l1_lambdas.split(",") if v]
     except ValueError:
         raise SystemExit(f"error: --lrs {args.lrs!r} / --l1_lambdas {args.l1_lambdas!r} are not comma lists of numbers")
-    if args.epochs < 1 or args.batch_size < 1 or (args.train_n or 1) < 1 or args.snr_n < 2:
-        raise SystemExit("error: --epochs, --batch_size and --train_n must be positive, --snr_n at least 2")
+    check_numbers(args)
     if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.ent_copies < 0
                                         or min(args.ent_steps, args.ent_batch_size) < 1):
         raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --ent_copies >= 0 and a "
@@ -212,13 +217,40 @@ def parse_args(argv=None):
     return args
 
 
+def check_numbers(args):
+    """One line and exit 2 for a size or number flag that would give an empty split, a split overlapping another,
+    a rate that is not a finite positive number, or a silent default (PROTOCOL sizes need at least one image)."""
+    bad = []
+    finite_pos = [("--lrs", v) for v in args.lr_list] + [("--memo_lr", args.memo_lr), ("--ent_lr", args.ent_lr)]
+    finite_pos += [("--l1_lambdas", v) for v in args.lambda_list]
+    bad += [f"{flag} {v:g} must be a finite number > 0" for flag, v in finite_pos if not (math.isfinite(v) and v > 0)]
+    if args.l1_lambdas and not args.lambda_list:
+        bad.append("--l1_lambdas lists no value")
+    if not (math.isfinite(args.wd) and args.wd >= 0):
+        bad.append(f"--wd {args.wd:g} must be a finite number >= 0")
+    ints = {"--epochs": args.epochs, "--batch_size": args.batch_size, "--val_per_class": args.val_per_class,
+            "--ent_steps": args.ent_steps, "--ent_batch_size": args.ent_batch_size}
+    if args.train_n is not None:
+        ints["--train_n"] = args.train_n
+    bad += [f"{flag} {v} must be at least 1" for flag, v in ints.items() if v < 1]
+    if args.test_per_class < 0 or args.holdout < 0 or args.ent_copies < 0:
+        bad.append("--test_per_class (0 = all the rest), --holdout and --ent_copies must be >= 0")
+    if args.snr_n < 2 or not (math.isfinite(args.snr_threshold)):
+        bad.append("--snr_n must be at least 2 and --snr_threshold a finite number")
+    if not args.corruption:
+        bad.append("--corruption is empty; give a name, a comma list, paper14 / standard15 / all19 (CIFAR) or "
+                   "paper15 (ImageNet-C)")
+    if bad:
+        raise SystemExit("error: " + "; ".join(bad))
+
+
 def tune_names(model, tune):
     """--tune -> the names of the parameters it trains, in model order (the methods start from every one)."""
     if tune in METHODS:
         return M.resolve_tune(model, "all")
     chosen = set()
     for part in re.split(r"[,+]", tune):  # each part a block name or a parameter-name prefix; "+" as in file names
-        ok = bool(part) and part not in METHODS
+        ok = bool(part) and part not in METHODS and (part != "none" or tune == "none")  # "fc,none" is a typo
         try:
             chosen.update(M.resolve_tune(model, part) if ok else [])
         except SystemExit:
@@ -340,14 +372,15 @@ def finetune(model, names, splits, lr, args, start=0, l1_lambda=0.0, epoch0=None
             opt = torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
             hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in M.block_params(model).items()
                                 if b != "all"})
-        for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
+        for step, (xb, yb) in enumerate(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g), 1):
             loss = loss_of(xb, yb)
+            v = T.finite(loss, f"{tag}, epoch {epoch}, step {step}", "Try smaller --lrs.")
             if opt is not None:  # eb may select nothing for an epoch: the model then stays as it is
                 reg = l1_lambda * sum((p - p0).abs().sum() for p, p0 in zip(params, src)) if src else 0.0
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            tot, seen = tot + loss.item() * len(yb), seen + len(yb)
+            tot, seen = tot + v * len(yb), seen + len(yb)
         v = measure(model, splits["val"], start["val"])
         t = None
         if args.test_every_epoch or v["acc"] > record["val"]:
@@ -476,19 +509,48 @@ def variant(args):
     return "+".join(on) or None
 
 
-def save_result(res, args, corruption):
-    """One JSON per run in --out_dir, written atomically; --objective entropy / memo names end in -entropy / -memo,
-    a method variant's in -<variant>."""
+# The flags that change a run's numbers (device, precision and folders do not). A run that sets any of them away
+# from its --data default is written under a name tagged with them, so a quick run never stands in for (or
+# overwrites) a protocol run, and the sweep counts a run done only for the settings it asks for.
+NUMBER_FLAGS = ("severity", "corruption_seed", "train_n", "val_per_class", "test_per_class", "split_seed",
+                "cifar10c_dir", "lrs", "epochs", "batch_size", "wd", "l1_lambdas", "snr_threshold", "snr_n", "ckpt",
+                "weights", "bn", "image_size", "ent_lr", "ent_steps", "ent_batch_size", "episodic", "ent_copies",
+                "memo_copies", "memo_lr")
+
+
+def result_path(args, corruption):
+    """<out_dir>/<data>-<corruption>-<tune>-s<seed>[-<objective>][-<variant>][-p<settings hash>].json"""
+    base = parse_args(["--data", args.data, "--objective", args.objective, "--snr", args.snr])
+    changed = {k: getattr(args, k) for k in NUMBER_FLAGS if getattr(args, k) != getattr(base, k)}
     tune = re.sub(r"[^\w.+-]", "_", args.tune.replace(",", "+"))
+    name = f"{args.data}-{corruption}-{tune}-s{args.seed}" + ("" if args.objective == "ce" else f"-{args.objective}")
+    name += f"-{variant(args)}" if variant(args) else ""
+    name += f"-p{hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]}" if changed else ""
+    return os.path.join(args.out_dir, name + ".json")
+
+
+def save_result(res, args, corruption):
+    """One JSON per run at result_path(), written atomically, strict JSON; returns the path."""
     res["variant"] = variant(args)
-    suffix = ("" if args.objective == "ce" else f"-{args.objective}") + (f"-{res['variant']}" if res["variant"] else "")
-    path = os.path.join(args.out_dir, f"{args.data}-{corruption}-{tune}-s{args.seed}{suffix}.json")
+    path = result_path(args, corruption)
     os.makedirs(args.out_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(strict(res), f, indent=1, allow_nan=False)
     os.replace(tmp, path)  # a sweep reading results/ never sees half a file
+    M.remove_orphans(path)
     return path
+
+
+def strict(v):
+    """A result with every NaN / infinity (a loss can overflow) as null: result files are strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict(x) for x in v]
+    return v
 
 
 # -----------------------------------------------------------------------------
@@ -541,6 +603,7 @@ def adapt_stream(model, names, x, args, start=0, log=print):
             xa = torch.cat([data.crop_flip(xb, generator=g) for _ in range(args.ent_copies)]) if args.ent_copies else xb
             with T.autocast(x.device):
                 loss = entropy(model(xa, start=start), args.ent_copies)
+            T.finite(loss, f"stream batch {i + 1}", "Try a smaller --ent_lr.")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -612,7 +675,10 @@ def load_source(args, dev):
         targs = T.parse_args(targv)
         net, metrics = T.train(targs)
         M.save_checkpoint(args.ckpt, net, targs.arch, targs, metrics)
+        os.remove(f"{args.ckpt}.state")  # whole: nothing left to resume
     source, ckpt = M.load_checkpoint(args.ckpt, dev)
+    if args.data.startswith("cifar") and ckpt["num_classes"] != 10:
+        raise SystemExit(f"error: {args.ckpt} has {ckpt['num_classes']} outputs; CIFAR needs a 10-class source")
     if ckpt["arch"] != arch_of(args.data) and not (args.data.startswith("cifar") and ckpt["arch"] in CIFAR_ARCHS):
         raise SystemExit(f"error: {args.ckpt} holds a {ckpt['arch']}; --data {args.data} needs a "
                          f"{arch_of(args.data)} source (python train.py --data ... --out another path)")
@@ -666,12 +732,19 @@ def family_targets(args, corruptions, num_classes, dev):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--result_paths"]:  # sweep.sh: "<path>\t<flags>" for each line of flags on stdin, nothing run
+        for line in sys.stdin:
+            a = parse_args(shlex.split(line))
+            print(f"{result_path(a, a.corruption)}\t{line.strip()}")
+        return []
     args = parse_args(argv)
     corruptions = (data.parse_corruptions(args.corruption) if args.data == "cifar_c" else
                    data.parse_imagenet_c(args.corruption) if args.data == "imagenet_c" else ["clean"])
     missing = [c for c in corruptions if args.data == "cifar_c" and not args.cifar10c_dir and c not in data.CORRUPTIONS]
     if missing:
         raise SystemExit(f"error: corruption {', '.join(missing)} is not implemented in data.CORRUPTIONS yet")
+    T.check_writable(os.path.join(args.out_dir, "result.json"), "--out_dir")  # before any compute, not after
     dev = T.get_device(args.device, args.cpu_bf16)
     source, holdout = load_source(args, dev)
     names = tune_names(source, args.tune)

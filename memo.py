@@ -143,9 +143,9 @@ def adapt(model, names, x, args, log=print, chunk=32):
             if names:
                 with T.autocast(x.device):
                     loss = marginal_entropy(model(xa[i * k:(i + 1) * k]).float())
+                losses.append(T.finite(loss, f"test image {len(preds) + 1}", "Try a smaller --memo_lr."))
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.data.sub_(args.memo_lr * g)  # plain SGD: no momentum, no weight decay
-                losses.append(loss.item())
             with torch.no_grad(), T.autocast(x.device):
                 preds.append(model(xc[i:i + 1]).float().argmax(1))
             with torch.no_grad():  # episodic: back to the source weights for the next image

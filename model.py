@@ -11,6 +11,7 @@ WideResNet-28-10 (CIFAR, the authors' released code): RobustBench's names, Batch
     python model.py --arch wrn28_10    # RobustBench's WideResNet-28-10
 """
 import argparse
+import glob
 import hashlib
 import os
 import zipfile
@@ -289,10 +290,38 @@ def save_checkpoint(path, model, arch, args, metrics):
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
             "metrics": metrics}
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a reader (or a kill -9) sees the old file or the new one, never half
+    of one. Temp files that killed writers left next to path are removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    remove_orphans(path)
+
+
+def remove_orphans(path):
+    """Delete path.tmp<PID> files whose writer process is gone (a kill -9 mid-write leaves one behind)."""
+    for f in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = f.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.remove(f)
+            except OSError:
+                pass  # another cleaner got there first
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # somebody else's live process
+    return True
 
 
 # The paper's own CIFAR source model (PROTOCOL section 1): the test-time-training ResNet-26 that the MEMO authors
@@ -346,6 +375,7 @@ def _load_ttt(path, device):
     model = build_model("resnet26", 10)
     model.load_state_dict(state)
     acc = round(100 * (1 - float(raw["err_cls"])), 2)
+    _finite(model, path)
     ckpt = {"version": CKPT_VERSION, "arch": "resnet26", "num_classes": 10, "args": {"holdout": 0},
             "metrics": {"test_acc": acc, "source": PAPER_CKPT_URL}}
     return model.to(device), ckpt
@@ -378,15 +408,31 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
         wrn = load_robustbench(ckpt) if isinstance(ckpt, dict) and "version" not in ckpt else None
         if wrn is not None:  # a RobustBench file, e.g. its CIFAR-10 Standard.pt
-            return wrn.to(device), {"version": CKPT_VERSION, "arch": "wrn28_10", "num_classes": wrn.fc.out_features,
+            return _finite(wrn, path).to(device), {"version": CKPT_VERSION, "arch": "wrn28_10", "num_classes": wrn.fc.out_features,
                                     "args": {"holdout": 0}, "metrics": {"test_acc": None, "source": path}}
-        assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION, "not a version-1 checkpoint dict"
+        version = ckpt.get("version") if isinstance(ckpt, dict) else None
+        if version is not None and version != CKPT_VERSION:
+            raise SystemExit(f"error: {path} is a version-{version} checkpoint and this code reads version "
+                             f"{CKPT_VERSION}; use the copy of the project that wrote it, or retrain with: python "
+                             f"train.py --out another path")
+        assert version == CKPT_VERSION, "not a checkpoint dict"
         model = build_model(ckpt["arch"], ckpt["num_classes"])
         model.load_state_dict(ckpt["state_dict"])
+    except SystemExit:
+        raise
     except Exception as e:  # truncated file, wrong format, mismatched weights
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); "
                          f"delete it and retrain with: python train.py --out {path}")
-    return model.to(device), ckpt
+    return _finite(model, path).to(device), ckpt
+
+
+def _finite(model, path):
+    """The model, or one line and exit when a weight is NaN or infinite (a diverged run's file): never fine-tuned."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SystemExit(f"error: {path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): a diverged "
+                         f"run; retrain it")
+    return model
 
 
 def parse_args(argv=None):

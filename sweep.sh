@@ -21,8 +21,8 @@ one() {  # one run-list line: skip if its result exists, else finetune.py (log i
   else acc="FAILED, see $log"; fi
   k="task ${SLURM_ARRAY_TASK_ID:-?}" && now=$(date +%s)  # in a Slurm array the task; here the finished-run count
   [ -z "${COUNT:-}" ] || k=$(flock "$COUNT" sh -c 'echo >> "$0"; wc -l < "$0"' "$COUNT")
-  IFS=- read -r d c t s <<< "$(basename "$out" .json)" && eta=${T0:+, ETA $(fmt $(( (now - T0) * (N - k) / k )))}
-  echo "[$k/${N:-${SLURM_ARRAY_TASK_COUNT:-?}}] $d/$c tune=$t seed=${s#s} -> $acc ($(fmt $((now - t0)))${eta:-})"
+  IFS=- read -r d c t s more <<< "$(basename "$out" .json)" && eta=${T0:+, ETA $(fmt $(( (now - T0) * (N - k) / k )))}
+  echo "[$k/${N:-${SLURM_ARRAY_TASK_COUNT:-?}}] $d/$c tune=$t seed=${s#s}${more:+ [$more]} -> $acc ($(fmt $((now - t0)))${eta:-})"
   [[ $acc != FAILED* ]]
 }
 fmt() { if [ "$1" -lt 100 ]; then echo "${1}s"; else echo "$(( $1 / 60 )).$(( $1 % 60 / 6 ))m"; fi; }
@@ -50,6 +50,9 @@ MODE=${1:-run} && exec 3>&1 && { [ "$MODE" != --list ] || exec 3>&2; }  # news t
 for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS OBJECTIVE EXTRA DEVICE JOBS \
   OMP_NUM_THREADS FAMILY_CKPT IMAGENET_C_DIR IMAGENET_DIR BREEDS_DIR WATERBIRDS_DIR CELEBA_DIR IN_CORRUPTIONS; do
   echo "$v=\"${!v:-}\""; done >&3
+for d in $DATASETS; do case $d in cifar_c|cifar_flip|imagenet_c|living17|entity30|waterbirds|celeba) ;; *)
+  echo "error: unknown dataset '$d' in DATASETS; valid: cifar_c cifar_flip imagenet_c living17 entity30" \
+    "waterbirds celeba" >&2; exit 1;; esac; done  # METHODS are checked by finetune.py when the list is made
 names() { cd "$HERE" && python -c "import data, sys; print(*getattr(data, sys.argv[1])(sys.argv[2]))" "$1" "${2// /,}"; }
 CORRUPTIONS=$(names parse_corruptions "$CORRUPTIONS") && IN_CORRUPTIONS=$(names parse_imagenet_c "$IN_CORRUPTIONS")
 FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
@@ -60,19 +63,19 @@ have() { case $1 in cifar_*) ;; imagenet_c) [ -d "$IMAGENET_C_DIR" ];; waterbird
   living17|entity30) [ -d "$IMAGENET_DIR/train" ] && [ -f "$BREEDS_DIR/class_hierarchy.txt" ];;
   celeba) [ -f "$CELEBA_DIR/celeba/list_attr_celeba.txt" ];; *) false;; esac; }  # is a dataset's folder there?
 ckpt() { case $1 in cifar_*) echo "$CKPT";; imagenet_c) echo imagenet;; *) echo "$FAMILY_CKPT/$1.pt";; esac; }
-runs() {  # the run list: pending runs (all with $1 = all); seeds outermost, so a part-done sweep has whole seeds.
+runs() {  # the run list "<result path>\t<flags>": pending runs (all with $1 = all); seeds outermost, so a part-done
+  # sweep has whole seeds. finetune.py names each result (its settings included) and checks the flags; runs nothing
   for s in $SEEDS; do for d in $DATASETS; do
     have "$d" || { [ "$s" != "${SEEDS%% *}" ] || echo "no data: $d (README: The ImageNet family)" >&3; continue; }
     case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs=clean;; esac
     ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
     for c in $cs; do for t in $ms; do
-      out=$RESULTS/$d-$c-$t-s$s$([ "$OBJECTIVE" = ce ] || echo "-$OBJECTIVE").json
-      { [ "${1:-}" = all ] || [ ! -f "$out" ]; } || continue
-      printf '%s\t--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$out" "$d" "$([ "$c" = clean ] \
+      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" "$([ "$c" = clean ] \
         || echo "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
-    done; done; done; done
+    done; done; done; done | python "$HERE/finetune.py" --result_paths | while IFS=$'\t' read -r out args; do
+      if [ "${1:-}" = all ] || [ ! -f "$out" ]; then printf '%s\t%s\n' "$out" "$args"; fi; done
 }
-mkdir -p "$RESULTS/logs" && find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -mmin +10 -delete  # killed runs' temps
+mkdir -p "$RESULTS/logs"
 [ "$MODE" != --list ] || { runs; exit; }
 sources() {  # one train.py command line per missing source model the run list needs (CIFAR's with $TRAIN_ARGS)
   for d in $DATASETS; do case $d in imagenet_c) continue;; cifar_*) [ "$d" = cifar_c ] || [[ " $DATASETS " != \
@@ -91,8 +94,15 @@ if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missin
     --output="$RESULTS/logs/slurm-%A_%a.out" "$HERE/slurm/array.sbatch" "$HERE" "$list" "$per"
   echo "$n runs submitted; when they are done: python $HERE/table.py --results $RESULTS"; exit 0
 fi
+# One sweep per results folder: the lock is held by this shell and every process it starts (xargs, finetune.py),
+# so killing only this shell still keeps a second sweep out until the runs in flight end.
+exec 9>>"$RESULTS/.sweep.lock"
+flock -n 9 || { echo "error: another sweep is running on $RESULTS (it holds $RESULTS/.sweep.lock); wait for it" \
+  "or set RESULTS to another folder" >&2; exit 1; }
+TMP=$RESULTS/.sweep-tmp && rm -rf "$TMP" && mkdir -p "$TMP"  # under the lock: what a killed sweep left is stale
+find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -delete  # killed runs' temps (no run is in flight: we hold the lock)
 START=$(date +%s) && while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done < <(sources)
-list=$(mktemp) && COUNT=$(mktemp) && trap 'rm -f "$list" "$COUNT"' EXIT && runs > "$list" && N=$(wc -l < "$list")
+list=$TMP/list && COUNT=$TMP/count && : > "$COUNT" && trap 'rm -rf "$TMP"' EXIT && runs > "$list" && N=$(wc -l < "$list")
 echo "$N runs to do, $(( $(runs all 3>/dev/null | wc -l) - N )) already done in $RESULTS, $JOBS at once"
 GPUS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)}  # visible
 [ "$DEVICE" != cpu ] || GPUS="" && export -f one fmt && export HERE COUNT N T0=$(date +%s) GPUS=$(echo ${GPUS//,/ })

@@ -19,6 +19,7 @@ Only *.json files are read: finetune.py's temp files (name.json.tmpPID) of kille
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 from collections import Counter
@@ -47,6 +48,9 @@ def load(folder):
                 key = (f"{r['data']}/{r['objective']}", *key[1:])
         except (OSError, ValueError, KeyError, TypeError) as e:
             notes.append(f"skipped {path}: not a finetune.py result ({type(e).__name__})")
+            continue
+        if not (isinstance(r["test_acc"], (int, float)) and math.isfinite(r["test_acc"])):
+            notes.append(f"skipped {path}: its test_acc {r['test_acc']!r} is not a finite number")
             continue
         if key in res:
             notes.append(f"skipped {path}: a second result for {key}")

@@ -17,6 +17,8 @@ ImageNet-C needs no source training: its source is torchvision's ImageNet model 
 """
 import argparse
 import math
+import os
+import tempfile
 import time
 
 import torch
@@ -35,6 +37,11 @@ RECIPES = {
     "waterbirds": dict(arch="resnet50", epochs=300, lr=1e-3, wd=1e-4, milestones="none"),
     "celeba": dict(arch="resnet50", epochs=50, lr=1e-4, wd=1e-4, milestones="none"),
 }
+
+
+# the settings a --resume must share with the interrupted run
+STATE_KEYS = ("data", "arch", "epochs", "milestones", "batch_size", "lr", "momentum", "wd", "seed", "limit", "holdout",
+              "weights", "image_size", "data_dir")
 
 
 def add_folder_args(g):
@@ -89,16 +96,21 @@ def parse_args(argv=None):
     g.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA (faster on "
                    "CPUs with AMX or AVX512-BF16)")
     g.add_argument("--out", default="ckpt/source.pt", help="checkpoint path (written atomically)")
+    g.add_argument("--resume", action="store_true", help="continue the run that <out>.state holds (written after "
+                   "every epoch, removed once the checkpoint is saved); the result equals an uninterrupted run's")
     g.add_argument("--small", action="store_true", help="CPU scale: 15 epochs on at most 4,000 images")
     args = p.parse_args(argv)
     recipe = RECIPES[args.data]
     if args.small:  # defaults at CPU scale; flags given explicitly still win
         args.limit = args.limit or 4000
-    args.epochs = args.epochs or (15 if args.small and args.data == "cifar10" else recipe["epochs"])
+    if args.epochs is None:  # an explicit 0 is an error below, never the default
+        args.epochs = 15 if args.small and args.data == "cifar10" else recipe["epochs"]
     args.lr, args.wd = recipe["lr"] if args.lr is None else args.lr, recipe["wd"] if args.wd is None else args.wd
     args.arch = args.arch or recipe["arch"]
     if args.epochs < 1 or args.batch_size < 1 or args.limit < 0 or args.holdout < 0:
         p.error("--epochs and --batch_size must be positive, --limit and --holdout non-negative")
+    if not all(math.isfinite(v) and v >= 0 for v in (args.lr, args.wd, args.momentum)) or args.lr == 0:
+        p.error(f"--lr {args.lr:g} must be a finite number > 0, --wd and --momentum finite and >= 0")
     ms = recipe["milestones"] if args.milestones is None else args.milestones
     try:
         ms = [] if ms == "none" else [int(m) for m in ms.split(",") if m] or [round(args.epochs * 2 / 3),
@@ -166,6 +178,31 @@ def evaluate(model, x, y, batch_size=256, start=0):
     return 100.0 * hit.sum().item() / max(len(x), 1), loss
 
 
+def check_writable(path, flag):
+    """One line and exit now, before any compute, when the file path (or the folders it needs) cannot be written.
+    Creates nothing: probes the nearest existing folder with a temporary file."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file path")
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(d):
+        if os.path.exists(d):
+            raise SystemExit(f"error: {flag} {path}: {d} is a file, not a folder")
+        d = os.path.dirname(d)
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write in {d} ({e.strerror}); choose another place")
+
+
+def finite(loss, where, advice):
+    """loss.item(), or one line and exit when it is NaN or infinite: a diverged run stops before its update and
+    writes nothing (no result, no checkpoint). Checked before backward(), so the weights never take a NaN step."""
+    v = loss.item()
+    if not math.isfinite(v):
+        raise SystemExit(f"error: the loss is {v} at {where}: the run diverged; nothing was written. {advice}")
+    return v
+
+
 def fmt_time(s):
     return f"{s:.0f}s" if s < 100 else f"{s / 60:.1f}m"
 
@@ -202,8 +239,25 @@ def train(args):
     print(f"source training ({args.data}, {args.arch}{', from ImageNet weights' if weights else ''}): {len(xtr):,d} "
           f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} (x0.1 at {args.milestones}), wd "
           f"{args.wd}, {sum(p.numel() for p in raw.parameters()):,d} parameters")
-    t0 = time.time()
-    for epoch in range(1, args.epochs + 1):
+    # everything the next epoch depends on, saved after each: weights, optimizer, schedule, both random streams
+    st, config = f"{args.out}.state", {k: getattr(args, k) for k in STATE_KEYS}
+    first, before, test_acc = 1, 0.0, math.nan
+    if os.path.isfile(st) and not args.resume:
+        print(f"note: {st} holds an interrupted run; starting afresh (--resume continues it)")
+    elif os.path.isfile(st):
+        s = torch.load(st, map_location=dev, weights_only=True)
+        if s["config"] != config:
+            raise SystemExit(f"error: {st} was written with other settings ({s['config']}); delete it or run without "
+                             f"--resume")
+        raw.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        sched.load_state_dict(s["sched"])
+        g.set_state(s["gen"])
+        torch.set_rng_state(s["rng"])
+        first, before, test_acc = s["epoch"] + 1, s["seconds"], s["test_acc"]
+        print(f"resuming {st}: epochs {first}..{args.epochs} to go")
+    t0 = time.time() - before
+    for epoch in range(first, args.epochs + 1):
         net.train()
         te, tot, correct, seen = time.time(), 0.0, 0, 0
         for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
@@ -211,29 +265,36 @@ def train(args):
             with autocast(dev):
                 out = net(xb)
                 loss = F.cross_entropy(out.float(), yb)
+            # one sync per step; negligible next to the step on these sizes
+            tot += finite(loss, f"epoch {epoch}, lr {sched.get_last_lr()[0]:g}", "Try a smaller --lr.") * len(yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += loss.item() * len(yb)  # one sync per step; negligible next to the step on these sizes
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(yb)
         sched.step()
         ips = seen / (time.time() - te)
-        last = epoch == args.epochs
-        test_acc = evaluate(net, xte, yte)[0] if xte is not None and (last or epoch % 5 == 0 or epoch == 1) \
-            else math.nan
+        scored = xte is not None and (epoch == args.epochs or epoch % 5 == 0 or epoch == 1)
+        test_acc = evaluate(net, xte, yte)[0] if scored else test_acc  # the last scored value
         el = time.time() - t0
+        M.atomic_save({"config": config, "epoch": epoch, "model": raw.state_dict(), "opt": opt.state_dict(),
+                       "sched": sched.state_dict(), "gen": g.get_state(), "rng": torch.get_rng_state(),
+                       "seconds": el, "test_acc": test_acc}, st)
+        test_s = f"{test_acc:5.1f}%" if scored else "  -   "
         print(f"epoch {epoch:3d}/{args.epochs} | loss {tot / seen:.3f} | train {100 * correct / seen:5.1f}% | "
-              f"test {test_acc:5.1f}% | {ips:,.0f} img/s | {fmt_time(el)} elapsed, ETA {fmt_time(el / epoch * (args.epochs - epoch))}")
-    metrics = {"test_acc": None if math.isnan(test_acc) else test_acc, "train_images": len(xtr), "seconds": time.time() - t0,
-               "torch": str(torch.__version__), "device": device_name(dev)}
+              f"test {test_s} | {ips:,.0f} img/s | {fmt_time(el)} elapsed, ETA "
+              f"{fmt_time(el / epoch * (args.epochs - epoch))}")
+    metrics = {"test_acc": None if math.isnan(test_acc) else test_acc, "train_images": len(xtr),
+               "seconds": time.time() - t0, "torch": str(torch.__version__), "device": device_name(dev)}
     return raw, metrics
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.out, "--out")
     net, metrics = train(args)
     M.save_checkpoint(args.out, net, args.arch, args, metrics)
+    os.remove(f"{args.out}.state")  # the run is whole: a later --resume has nothing to continue
     acc = "none (no source test split)" if metrics["test_acc"] is None else f"{metrics['test_acc']:.2f}%"
     print(f"source test accuracy {acc} after {fmt_time(metrics['seconds'])}; saved {args.out}")
     return net

@@ -38,6 +38,11 @@ def sweep(env, *args, jobs=1):
                           text=True)
 
 
+def untag(name):
+    """A result name without its settings tag (-p<hash>): these tests run at tiny, non-protocol settings."""
+    return re.sub(r"-p[0-9a-f]{8}(?=\.json|\.log)", "", name)
+
+
 def results(env):
     folder = env["RESULTS"]
     return {f: os.stat(os.path.join(folder, f)) for f in os.listdir(folder) if ".json" in f} if os.path.isdir(
@@ -48,7 +53,8 @@ def test_list_kill_resume_table(env, tmp_path):
     listed = sweep(env, "--list")
     assert listed.returncode == 0 and 'METHODS="none fc all"' in listed.stderr
     lines = listed.stdout.splitlines()
-    assert [os.path.basename(ln.split("\t")[0]) for ln in lines] == [r + ".json" for r in RUNS]
+    names = [os.path.basename(ln.split("\t")[0]) for ln in lines]
+    assert [untag(n) for n in names] == [r + ".json" for r in RUNS] and all(n != untag(n) for n in names)
     assert "--data cifar_c --corruption gaussian_noise --tune fc --seed 0 --ckpt " in lines[1]
 
     # first sweep, one run at a time, killed (SIGKILL to its whole process group) once a result exists
@@ -63,7 +69,7 @@ def test_list_kill_resume_table(env, tmp_path):
     before = {f: st for f, st in results(env).items() if f.endswith(".json")}
     assert 1 <= len(before) < len(RUNS), (tmp_path / "first.log").read_text()
     # a half-written temp of the run that was in flight must be neither read nor mistaken for a result
-    stale = os.path.join(env["RESULTS"], RUNS[-1] + ".json.tmp99999")
+    stale = os.path.join(env["RESULTS"], names[-1] + ".tmp99999")
     with open(stale, "w") as f:
         f.write('{"data": "cifar_c", "corruption": "gaussian_no')
 
@@ -72,11 +78,11 @@ def test_list_kill_resume_table(env, tmp_path):
     progress = [ln for ln in second.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", ln)]
     missing = len(RUNS) - len(before)
     assert f"{missing} runs to do, {len(before)} already done" in second.stdout
-    assert len(progress) == missing and all(re.search(r"tune=\w+ seed=0 -> [\d.]+% \(\d+s, ETA \d+s\)$", ln)
+    assert len(progress) == missing and all(re.search(r"tune=\w+ seed=0 \[p[0-9a-f]{8}\] -> [\d.]+% \(\d+s, ETA \d+s\)$", ln)
                                             for ln in progress), progress
     assert {ln.split("/")[0] for ln in progress} == {f"[{k}" for k in range(1, missing + 1)}
     after = results(env)
-    assert sorted(f for f in after if f.endswith(".json")) == sorted(r + ".json" for r in RUNS)
+    assert sorted(f for f in after if f.endswith(".json")) == sorted(names)
     for f, st in before.items():  # finished before the kill: not run again
         assert (after[f].st_ino, after[f].st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     md = open(os.path.join(env["RESULTS"], "table.md")).read()
@@ -84,7 +90,7 @@ def test_list_kill_resume_table(env, tmp_path):
     for row in ("No Adaptation", "Cross-Val", "Full Fine-Tuning", "L1 Regularize", "Auto-SNR", "Auto-RGN"):
         assert f"| {row} | " in md
     assert "| CIFAR-C | IN-C |" in md and "no data" in md and "Cross-Val picked fc x1" in md
-    assert sorted(os.listdir(os.path.join(env["RESULTS"], "logs"))) == sorted(r + ".log" for r in RUNS)
+    assert sorted(map(untag, os.listdir(os.path.join(env["RESULTS"], "logs")))) == sorted(r + ".log" for r in RUNS)
 
     third = sweep(env)  # all done: nothing runs, the table is printed again
     assert third.returncode == 0 and "0 runs to do, 3 already done" in third.stdout and "[1/" not in third.stdout
@@ -116,14 +122,14 @@ def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
     bin_.mkdir()
     (tmp_path / "fake_ft.py").write_text(FAKE_FT)
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
-    (bin_ / "python").write_text(f'#!/usr/bin/env bash\nif [[ $1 == */finetune.py ]]; then shift; exec '
-                                 f'{sys.executable} {tmp_path / "fake_ft.py"} "$@"; fi\nexec {sys.executable} "$@"\n')
+    (bin_ / "python").write_text(f'#!/usr/bin/env bash\nif [[ $1 == */finetune.py && $2 != --result_paths ]]; then '
+                                 f'shift; exec {sys.executable} {tmp_path / "fake_ft.py"} "$@"; fi\n'
+                                 f'exec {sys.executable} "$@"\n')
     for f in bin_.iterdir():
         f.chmod(0o755)
-    (tmp_path / "src.pt").write_bytes(b"")  # present, so no source training
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "runs.log"), SMALL="0",
-               CKPT=str(tmp_path / "src.pt"), RESULTS=str(tmp_path / "results"), SEEDS="0", DATASETS="cifar_c",
+               CKPT="paper", RESULTS=str(tmp_path / "results"), SEEDS="0", DATASETS="cifar_c",
                CORRUPTIONS="gaussian_noise", METHODS="none layer1 layer2 layer3 fc all l1 auto_snr", DEVICE="auto",
                EXTRA="", JOBS="4")
     r = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -147,7 +153,7 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
            "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1", "RESULTS": str(tmp_path / "r")}
     listed = sweep(fam, "--list")
     assert listed.returncode == 0, listed.stderr
-    names = [os.path.basename(ln.split("\t")[0]) for ln in listed.stdout.splitlines()]
+    names = [untag(os.path.basename(ln.split("\t")[0])) for ln in listed.stdout.splitlines()]
     assert names == [f"{d}-{t}-s{s}.json" for s in (0, 1) for d, ts in (("cifar_c-gaussian_noise", ("layer3", "fc")),
                      ("waterbirds-clean", ("layer3", "layer4", "fc"))) for t in ts]
     wb = [ln for ln in listed.stdout.splitlines() if "waterbirds-clean-fc-s0" in ln][0]
@@ -160,6 +166,6 @@ def test_objective_memo_lists_its_own_files(env):
     # OBJECTIVE=memo: result names end in -memo, a comma-free block list (layer1+layer2) is one tune, and the
     # supervised results of the same grid do not count as done
     listed = sweep({**env, "OBJECTIVE": "memo", "METHODS": "none layer1+layer2"}, "--list").stdout.splitlines()
-    outs = [os.path.basename(line.split("\t")[0]) for line in listed]
+    outs = [untag(os.path.basename(line.split("\t")[0])) for line in listed]
     assert outs == ["cifar_c-gaussian_noise-none-s0-memo.json", "cifar_c-gaussian_noise-layer1+layer2-s0-memo.json"]
     assert all("--objective memo" in line for line in listed)

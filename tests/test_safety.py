@@ -1,0 +1,264 @@
+"""What happens when things go wrong: divergence, bad sizes and numbers, corrupt caches, broken files, kills, stale
+or quick results. Each test is one failure a careful user met; each must end in one clear line (or a correct
+recovery), with nothing half-written and no good file replaced."""
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import finetune as FT
+import model as M
+import table
+import train as T
+from tinydata import narrow_resnet26, write_cifar
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_net():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(M.ARCHS, "resnet26", narrow_resnet26)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny CIFAR folder (160 train, 60 test) and a 1-epoch source trained with a holdout of 60."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, train_sizes=(80, 80), test_size=60)
+    ckpt = str(root / "src.pt")
+    T.main(["--data_dir", str(root), "--cache_dir", str(root / "cache"), "--holdout", "60", "--epochs", "1",
+            "--limit", "40", "--batch_size", "20", "--device", "cpu", "--out", ckpt])
+    return root, ckpt
+
+
+def ft(tiny, out, *extra):
+    root, src = tiny
+    return ["--ckpt", src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device", "cpu",
+            "--data", "cifar_flip", "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3", "--epochs",
+            "2", "--batch_size", "25", "--out_dir", str(out), *extra]
+
+
+def one_line(e):
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
+# 1. divergence ----------------------------------------------------------------------------------------------------
+
+def test_diverging_finetune_stops_with_one_line_and_writes_nothing(tiny, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        FT.main(ft(tiny, tmp_path / "res", "--tune", "all", "--lrs", "1e30"))
+    msg = one_line(e)
+    assert "diverged" in msg and "lr 1e+30" in msg and "--lrs" in msg
+    assert not os.path.exists(tmp_path / "res") or not os.listdir(tmp_path / "res")
+
+
+def test_diverging_source_training_keeps_the_good_checkpoint(tiny, tmp_path):
+    root, src = tiny
+    good = tmp_path / "good.pt"
+    good.write_bytes(open(src, "rb").read())
+    with pytest.raises(SystemExit) as e:
+        T.main(["--data_dir", str(root), "--cache_dir", str(root / "cache"), "--epochs", "3", "--limit", "40",
+                "--batch_size", "20", "--device", "cpu", "--lr", "1e12", "--out", str(good)])
+    assert "diverged" in one_line(e) and good.read_bytes() == open(src, "rb").read()
+
+
+def test_a_nan_checkpoint_is_refused(tiny, tmp_path):
+    net, ckpt = M.load_checkpoint(tiny[1])
+    with torch.no_grad():
+        net.fc.weight[0, 0] = math.nan
+    bad = str(tmp_path / "nan.pt")
+    M.save_checkpoint(bad, net, "resnet26", T.parse_args([]), {})
+    with pytest.raises(SystemExit) as e:
+        M.load_checkpoint(bad)
+    assert "non-finite" in one_line(e) and "fc.weight" in str(e.value.code)
+
+
+# 2. sizes and numbers ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, says", [
+    (["--val_per_class", "-5"], "--val_per_class"), (["--val_per_class", "0"], "--val_per_class"),
+    (["--test_per_class", "-1"], "--test_per_class"), (["--lrs=-1e-3"], "--lrs"), (["--lrs", "nan"], "--lrs"),
+    (["--lrs", "inf"], "--lrs"), (["--epochs", "0"], "--epochs"), (["--corruption", ""], "--corruption"),
+    (["--wd", "nan"], "--wd"), (["--l1_lambdas", "-1"], "--l1_lambdas"), (["--tune", "fc,none"], "'none'")])
+def test_bad_numbers_fail_before_any_work(tiny, tmp_path, bad, says):
+    with pytest.raises(SystemExit) as e:
+        FT.main(ft(tiny, tmp_path / "res", *bad))
+    assert says in one_line(e) and not os.path.exists(tmp_path / "res")
+
+
+def test_test_per_class_0_means_all_the_rest_and_splits_never_overlap():
+    y = torch.arange(10).repeat(30)  # 30 images a class
+    idx = data.target_split(y, train_n=50, val_per_class=2, test_per_class=0, seed=1)
+    assert [len(idx[s]) for s in ("train", "val", "test")] == [50, 20, 230]
+    every = torch.cat(list(idx.values()))
+    assert len(every.unique()) == len(every) == 300  # disjoint, and together every image
+    assert all((y[idx[s]].bincount() == n).all() for s, n in (("train", 5), ("val", 2), ("test", 23)))
+
+
+@pytest.mark.parametrize("holdout", [160, 500, -1])
+def test_holdout_must_leave_training_images(tiny, holdout):
+    d = data.load_cifar10(str(tiny[0]), None)
+    with pytest.raises(SystemExit) as e:
+        data.source_and_pool(d, holdout)
+    assert "--holdout" in one_line(e)
+
+
+def test_train_epochs_0_and_a_bad_lr_are_errors():
+    for bad in (["--epochs", "0"], ["--lr", "nan"], ["--lr", "-0.1"]):
+        with pytest.raises(SystemExit) as e:
+            T.parse_args(bad)
+        assert e.value.code == 2  # argparse's error: one usage line and the message
+
+
+# 3. strict JSON and the table -------------------------------------------------------------------------------------
+
+def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
+    assert FT.strict({"a": math.nan, "b": [1.0, math.inf], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
+    good = {"data": "cifar_flip", "corruption": "clean", "tune": "fc", "seed": 0, "test_acc": 90.0, "val_acc": 1}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "tune": "all", "test_acc": math.nan}))  # bare NaN
+    md = table.main(["--results", str(tmp_path)])
+    assert "skipped" in md and "bad.json" in md and "not a finite number" in md
+    assert (tmp_path / "table.md").exists()
+
+
+# 4. caches --------------------------------------------------------------------------------------------------------
+
+def test_a_corrupted_pool_cache_is_rebuilt(tmp_path, capsys):
+    x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    pool = (x, torch.arange(20) % 10)
+    want, _ = data.shifted_pool(pool, "gaussian_noise", 5, 0, str(tmp_path), "cpu")
+    path, = [p for p in tmp_path.iterdir() if p.suffix == ".pt"]
+    raw = bytearray(path.read_bytes())
+    i = raw.find(want[0, 0, 0].numpy().tobytes()[:16])  # a run of pixels inside the stored tensor
+    raw[i:i + 16] = bytes(255 - b for b in raw[i:i + 16])
+    path.write_bytes(bytes(raw))
+    got, _ = data.shifted_pool(pool, "gaussian_noise", 5, 0, str(tmp_path), "cpu")
+    assert torch.equal(got, want) and "fails its checksum" in capsys.readouterr().out
+
+
+def test_cifar_cache_follows_the_content_not_the_file_times(tmp_path):
+    folder = write_cifar(tmp_path, train_sizes=(20,), test_size=10)
+    a = data.load_cifar10(str(tmp_path), str(tmp_path / "cache"))
+    batch = os.path.join(folder, "test_batch")
+    st = os.stat(batch)
+    with open(batch, "rb") as f:
+        d = pickle.load(f)
+    d[b"labels"] = [9 - v for v in d[b"labels"]]  # same size, same time, other content
+    with open(batch, "wb") as f:
+        pickle.dump(d, f)
+    os.utime(batch, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(batch) == st.st_size
+    b = data.load_cifar10(str(tmp_path), str(tmp_path / "cache"))
+    assert torch.equal(b["test"][1], 9 - a["test"][1])
+
+
+# 5. late failures, resume -----------------------------------------------------------------------------------------
+
+def test_an_unwritable_output_fails_before_the_compute(tiny, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(FT, "load_source", lambda *a: pytest.fail("computed before checking --out_dir"))
+    with pytest.raises(SystemExit) as e:
+        FT.main(ft(tiny, tmp_path / "afile" / "res", "--tune", "fc"))
+    assert "--out_dir" in one_line(e) and "afile" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path / "afile" / "src.pt")])
+    assert "--out" in one_line(e)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    write_cifar(tmp_path, train_sizes=(96,), test_size=20)
+    argv = ["--data_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--epochs", "8", "--batch_size",
+            "16", "--device", "cpu", "--milestones", "3,6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, cut = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
+    subprocess.run([sys.executable, "train.py", *argv, "--out", whole], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    p = subprocess.Popen([sys.executable, "train.py", *argv, "--out", cut], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 60:  # kill -9 once a few epochs are saved
+        if os.path.exists(cut + ".state") and torch.load(cut + ".state", weights_only=True)["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(cut) and 3 <= torch.load(cut + ".state", weights_only=True)["epoch"] < 8
+    r = subprocess.run([sys.executable, "train.py", *argv, "--out", cut, "--resume"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stdout + r.stderr
+    a, b = (torch.load(f, weights_only=True)["state_dict"] for f in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit on the CPU
+    assert not os.path.exists(cut + ".state")
+
+
+# 6. one line instead of a traceback -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "shape", "labels"])
+def test_broken_cifar_files_are_one_line(tmp_path, damage):
+    folder = write_cifar(tmp_path, train_sizes=(20,), test_size=10)
+    path = os.path.join(folder, "data_batch_1")
+    if damage == "truncated":
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:len(raw) // 2])
+    else:
+        with open(path, "rb") as f:
+            d = pickle.load(f)
+        if damage == "shape":
+            d[b"data"] = d[b"data"][:, :1000]
+        else:
+            d[b"labels"][3] = 12
+        with open(path, "wb") as f:
+            pickle.dump(d, f)
+    with pytest.raises(SystemExit) as e:
+        data.load_cifar10(str(tmp_path), None)
+    assert "data_batch_1" in one_line(e)
+
+
+def test_checkpoint_errors_say_what_is_wrong(tiny, tmp_path):
+    net, _ = M.load_checkpoint(tiny[1])
+    ckpt = {"version": 7, "arch": "resnet26", "num_classes": 10, "state_dict": net.state_dict()}
+    torch.save(ckpt, tmp_path / "v7.pt")
+    with pytest.raises(SystemExit) as e:
+        M.load_checkpoint(str(tmp_path / "v7.pt"))
+    assert "version-7" in one_line(e) and "AssertionError" not in str(e.value.code)
+    five = M.ResNet26(5, n=2, widths=(8, 8, 16))
+    M.save_checkpoint(str(tmp_path / "five.pt"), five, "resnet26", T.parse_args([]), {})
+    with pytest.raises(SystemExit) as e:
+        FT.main(ft(tiny, tmp_path / "res", "--tune", "fc") + ["--ckpt", str(tmp_path / "five.pt")])
+    assert "5 outputs" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        M.load_checkpoint(str(tmp_path))
+    assert "folder" in one_line(e)
+
+
+# 8. a quick run never stands in for a protocol run; 9. orphan temp files --------------------------------------------
+
+def test_quick_runs_get_their_own_file_name():
+    full, quick = FT.parse_args([]), FT.parse_args(["--epochs", "1"])
+    assert FT.result_path(full, "fog") == os.path.join("results", "cifar_c-fog-layer1-s0.json")
+    assert FT.result_path(quick, "fog") != FT.result_path(full, "fog")
+    same = FT.parse_args(["--cpu_bf16", "--device", "cpu", "--out_dir", "results"])  # no number changes
+    assert FT.result_path(same, "fog") == FT.result_path(full, "fog")
+
+
+def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
+    path = str(tmp_path / "x.pt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for pid in (dead, str(os.getppid())):
+        (tmp_path / f"x.pt.tmp{pid}").write_text("half")
+    M.atomic_save({"a": 1}, path)
+    assert sorted(os.listdir(tmp_path)) == ["x.pt", f"x.pt.tmp{os.getppid()}"]  # a live writer's stays
