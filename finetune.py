@@ -221,13 +221,13 @@ def check_numbers(args):
     """One line and exit 2 for a size or number flag that would give an empty split, a split overlapping another,
     a rate that is not a finite positive number, or a silent default (PROTOCOL sizes need at least one image)."""
     bad = []
-    finite_pos = [("--lrs", v) for v in args.lr_list] + [("--memo_lr", args.memo_lr), ("--ent_lr", args.ent_lr)]
+    finite_pos = [("--lrs", v) for v in args.lr_list] + [("--memo_lr", args.memo_lr)]
     finite_pos += [("--l1_lambdas", v) for v in args.lambda_list]
     bad += [f"{flag} {v:g} must be a finite number > 0" for flag, v in finite_pos if not (math.isfinite(v) and v > 0)]
     if args.l1_lambdas and not args.lambda_list:
         bad.append("--l1_lambdas lists no value")
-    if not (math.isfinite(args.wd) and args.wd >= 0):
-        bad.append(f"--wd {args.wd:g} must be a finite number >= 0")
+    bad += [f"{flag} {v:g} must be a finite number >= 0" for flag, v in (("--wd", args.wd), ("--ent_lr", args.ent_lr))
+            if not (math.isfinite(v) and v >= 0)]  # --ent_lr 0: the stream without adaptation
     ints = {"--epochs": args.epochs, "--batch_size": args.batch_size, "--val_per_class": args.val_per_class,
             "--ent_steps": args.ent_steps, "--ent_batch_size": args.ent_batch_size}
     if args.train_n is not None:

@@ -53,8 +53,9 @@ for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS 
 for d in $DATASETS; do case $d in cifar_c|cifar_flip|imagenet_c|living17|entity30|waterbirds|celeba) ;; *)
   echo "error: unknown dataset '$d' in DATASETS; valid: cifar_c cifar_flip imagenet_c living17 entity30" \
     "waterbirds celeba" >&2; exit 1;; esac; done  # METHODS are checked by finetune.py when the list is made
-names() { cd "$HERE" && python -c "import data, sys; print(*getattr(data, sys.argv[1])(sys.argv[2]))" "$1" "${2// /,}"; }
-CORRUPTIONS=$(names parse_corruptions "$CORRUPTIONS") && IN_CORRUPTIONS=$(names parse_imagenet_c "$IN_CORRUPTIONS")
+names=$(cd "$HERE" && python -c "import data, sys; print(*map(','.join, (data.parse_corruptions(sys.argv[1]),
+  data.parse_imagenet_c(sys.argv[2]))))" "${CORRUPTIONS// /,}" "${IN_CORRUPTIONS// /,}")  # presets -> names, checked
+read -r CORRUPTIONS IN_CORRUPTIONS <<< "$names" && CORRUPTIONS=${CORRUPTIONS//,/ } IN_CORRUPTIONS=${IN_CORRUPTIONS//,/ }
 FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
   "$BREEDS_DIR" "$WATERBIRDS_DIR" "$CELEBA_DIR")  # train.py's and finetune.py's flags for the family's folders
 COMMON=$(printf -- '--data_dir %q --cache_dir %q --out_dir %q --device %q --imagenet_c_dir %q ' "$DATA_DIR" "$CACHE" \
@@ -63,8 +64,8 @@ have() { case $1 in cifar_*) ;; imagenet_c) [ -d "$IMAGENET_C_DIR" ];; waterbird
   living17|entity30) [ -d "$IMAGENET_DIR/train" ] && [ -f "$BREEDS_DIR/class_hierarchy.txt" ];;
   celeba) [ -f "$CELEBA_DIR/celeba/list_attr_celeba.txt" ];; *) false;; esac; }  # is a dataset's folder there?
 ckpt() { case $1 in cifar_*) echo "$CKPT";; imagenet_c) echo imagenet;; *) echo "$FAMILY_CKPT/$1.pt";; esac; }
-runs() {  # the run list "<result path>\t<flags>": pending runs (all with $1 = all); seeds outermost, so a part-done
-  # sweep has whole seeds. finetune.py names each result (its settings included) and checks the flags; runs nothing
+runs() {  # the whole run list "<result path>\t<flags>", seeds outermost so a part-done sweep has whole seeds;
+  # finetune.py names each result (its settings included) and checks the flags, running nothing
   for s in $SEEDS; do for d in $DATASETS; do
     have "$d" || { [ "$s" != "${SEEDS%% *}" ] || echo "no data: $d (README: The ImageNet family)" >&3; continue; }
     case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs=clean;; esac
@@ -72,11 +73,11 @@ runs() {  # the run list "<result path>\t<flags>": pending runs (all with $1 = a
     for c in $cs; do for t in $ms; do
       printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" "$([ "$c" = clean ] \
         || echo "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
-    done; done; done; done | python "$HERE/finetune.py" --result_paths | while IFS=$'\t' read -r out args; do
-      if [ "${1:-}" = all ] || [ ! -f "$out" ]; then printf '%s\t%s\n' "$out" "$args"; fi; done
+    done; done; done; done | python "$HERE/finetune.py" --result_paths
 }
+pending() { while IFS=$'\t' read -r out args; do [ -f "$out" ] || printf '%s\t%s\n' "$out" "$args"; done; }
 mkdir -p "$RESULTS/logs"
-[ "$MODE" != --list ] || { runs; exit; }
+[ "$MODE" != --list ] || { runs | pending; exit; }
 sources() {  # one train.py command line per missing source model the run list needs (CIFAR's with $TRAIN_ARGS)
   for d in $DATASETS; do case $d in imagenet_c) continue;; cifar_*) [ "$d" = cifar_c ] || [[ " $DATASETS " != \
     *" cifar_c "* ]] || continue;; esac; have "$d" && [ "$(ckpt "$d")" != paper ] && [ ! -f "$(ckpt "$d")" ] || continue
@@ -86,7 +87,7 @@ sources() {  # one train.py command line per missing source model the run list n
   done
 }
 if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missing source models are jobs first
-  list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs > "$list" && n=$(wc -l < "$list") && per=${PER_TASK:-1}
+  list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs | pending > "$list" && n=$(wc -l < "$list") && per=${PER_TASK:-1}
   ids=() && while read -r cmd; do ids+=("$(sbatch --parsable --job-name=surgical-source \
     --output="$RESULTS/logs/source-%j.out" --wrap "$cmd")"); done < <(sources)
   dep=() && [ ${#ids[@]} = 0 ] || dep=(--dependency=afterok:$(IFS=:; echo "${ids[*]}"))
@@ -102,8 +103,9 @@ flock -n 9 || { echo "error: another sweep is running on $RESULTS (it holds $RES
 TMP=$RESULTS/.sweep-tmp && rm -rf "$TMP" && mkdir -p "$TMP"  # under the lock: what a killed sweep left is stale
 find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -delete  # killed runs' temps (no run is in flight: we hold the lock)
 START=$(date +%s) && while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done < <(sources)
-list=$TMP/list && COUNT=$TMP/count && : > "$COUNT" && trap 'rm -rf "$TMP"' EXIT && runs > "$list" && N=$(wc -l < "$list")
-echo "$N runs to do, $(( $(runs all 3>/dev/null | wc -l) - N )) already done in $RESULTS, $JOBS at once"
+list=$TMP/list && COUNT=$TMP/count && : > "$COUNT" && trap 'rm -rf "$TMP"' EXIT && runs > "$TMP/all"
+pending < "$TMP/all" > "$list" && N=$(wc -l < "$list")
+echo "$N runs to do, $(( $(wc -l < "$TMP/all") - N )) already done in $RESULTS, $JOBS at once"
 GPUS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)}  # visible
 [ "$DEVICE" != cpu ] || GPUS="" && export -f one fmt && export HERE COUNT N T0=$(date +%s) GPUS=$(echo ${GPUS//,/ })
 status=0 && xargs -d '\n' -r -P "$JOBS" --process-slot-var=SLOT -n 1 bash -c 'one "$1"' _ < "$list" || status=1

@@ -11,7 +11,7 @@ import finetune as FT
 import model as M
 import rgn
 import train as T
-from tinydata import make_images, write_cifar, narrow_resnet26
+from tinydata import make_images, narrow_resnet26, result_file, write_cifar
 
 QUIET = dict(log=lambda s: None)
 
@@ -155,7 +155,7 @@ def test_end_to_end_through_main(tmp_path, monkeypatch):
             "--val_per_class", "2", "--test_per_class", "5", "--corruption", "gaussian_noise", "--objective",
             "entropy", "--ent_batch_size", "16", "--out_dir", str(tmp_path / "res")]
     res, = FT.main(argv + ["--tune", "layer1"])
-    saved = json.loads((tmp_path / "res" / "cifar_c-gaussian_noise-layer1-s0-entropy.json").read_text())
+    saved = json.loads(open(result_file(tmp_path / "res", "cifar_c-gaussian_noise-layer1-s0-entropy.json")).read())
     assert saved["objective"] == "entropy" and saved["val_acc"] is None and saved["test_acc"] == res["test_acc"]
     assert [b["n"] for b in saved["history"][0]["stream"]] == [16, 16, 16, 2] and saved["prefix_stage"] == 0
     none, = FT.main(argv + ["--tune", "fc", "--seed", "1", "--ent_lr", "0"])  # lr 0 = no adaptation, another order

@@ -12,7 +12,7 @@ import finetune as FT
 import model as M
 import train as T
 from fakefolders import make_breeds_info, make_imagenet, make_imagenet_c, make_waterbirds
-from tinydata import tiny_resnet50
+from tinydata import result_file, tiny_resnet50, untagged
 
 QUIET = dict(log=lambda s: None)
 
@@ -46,7 +46,7 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
     res, = FT.main(argv + ["--tune", "fc"])
     saved = M.load_checkpoint(str(ckpt))[1]
     assert saved["arch"] == "resnet50" and saved["num_classes"] == 2 and saved["args"]["data"] == "waterbirds"
-    out = json.loads((tmp_path / "res" / "waterbirds-clean-fc-s0.json").read_text())
+    out = json.loads(open(result_file(tmp_path / "res", "waterbirds-clean-fc-s0.json")).read())
     assert out["metric"] == "worst-group accuracy" and out["source_acc"] is None
     assert [h["lr"] for h in out["history"]] == [5e-3, 1e-3, 5e-4] and out["args"]["epochs"] == 1  # PROTOCOL 8
     for h in out["history"]:
@@ -140,8 +140,7 @@ def test_imagenet_c_two_corruptions_and_the_1000_class_check(tmp_path):
     M.save_checkpoint(ckpt, tiny_resnet50(3), "resnet50", T.parse_args(["--data", "waterbirds"]), {})
     fog, snow = FT.main(argv + ["--ckpt", ckpt])
     assert (fog["corruption"], snow["corruption"], fog["severity"]) == ("fog", "snow", 5)
-    assert sorted(p.name for p in (tmp_path / "res").glob("*.json")) == ["imagenet_c-fog-fc-s0.json",
-                                                                       "imagenet_c-snow-fc-s0.json"]
+    assert untagged(tmp_path / "res") == ["imagenet_c-fog-fc-s0.json", "imagenet_c-snow-fc-s0.json"]
 
 
 def test_wrong_arch_and_missing_folder_are_one_line(tmp_path, waterbirds):

@@ -15,7 +15,7 @@ import finetune as FT
 import model as M
 import rgn
 import train as T
-from tinydata import make_images, write_cifar, narrow_resnet26
+from tinydata import make_images, narrow_resnet26, result_file, untagged, write_cifar
 
 QUIET = dict(log=lambda s: None)
 KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
@@ -143,7 +143,7 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
     res = FT.run(args, source, target, clean, "clean", 0.0, **QUIET)
     assert (res["selected"]["lr"], res["selected"]["epoch"], res["val_acc"]) == (0.1, 1, 60)
-    assert json.loads((tmp_path / "cifar_c-clean-fc-s0.json").read_text())["selected"] == res["selected"]
+    assert json.loads(open(result_file(tmp_path, "cifar_c-clean-fc-s0.json")).read())["selected"] == res["selected"]
     monkeypatch.undo()
     net = copy.deepcopy(source)
     FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"), **QUIET)
@@ -206,9 +206,9 @@ def fake_corruptions(monkeypatch):
 def test_end_to_end_flip_fc(tiny, tmp_path):
     res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", "fc", "--lrs", "1e-2,1e-3",
                            "--epochs", "2"))
-    path = tmp_path / "cifar_flip-clean-fc-s0.json"
-    saved = json.loads(path.read_text())
-    assert set(saved) == KEYS and os.listdir(tmp_path) == [path.name]  # no temp file left behind
+    path = result_file(tmp_path, "cifar_flip-clean-fc-s0.json")
+    saved = json.loads(open(path).read())
+    assert set(saved) == KEYS and os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left behind
     assert saved["trained"]["params"] == 16 * 10 + 10 and saved["prefix_stage"] == M.STAGES.index("head")
     assert [h["lr"] for h in saved["history"]] == [1e-2, 1e-3]
     assert all([e["epoch"] for e in h["epochs"]] == [0, 1, 2] for h in saved["history"])
@@ -221,7 +221,7 @@ def test_end_to_end_flip_fc(tiny, tmp_path):
 def test_end_to_end_corruptions_none(tiny, tmp_path, fake_corruptions, capsys):
     results = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_c", "--corruption", "gaussian_noise,shot_noise",
                               "--tune", "none"))
-    assert sorted(os.listdir(tmp_path)) == ["cifar_c-gaussian_noise-none-s0.json", "cifar_c-shot_noise-none-s0.json"]
+    assert untagged(tmp_path) == ["cifar_c-gaussian_noise-none-s0.json", "cifar_c-shot_noise-none-s0.json"]
     for r in results:
         assert r["selected"]["epoch"] == 0 and r["trained"]["params"] == 0
         assert r["test_acc"] == r["history"][0]["epochs"][0]["test_acc"] and r["source_acc"] == r["source_acc_before"]
@@ -234,7 +234,7 @@ def test_missing_checkpoint_is_trained_first(tiny, tmp_path, capsys):
                     "--source_args", "--epochs 1 --limit 20 --batch_size 20", ckpt=ckpt))
     assert "no checkpoint at" in capsys.readouterr().out and os.path.isfile(ckpt)
     assert M.load_checkpoint(ckpt)[1]["args"]["holdout"] == 60
-    assert os.listdir(tmp_path / "res") == ["cifar_flip-clean-none-s0.json"]
+    assert untagged(tmp_path / "res") == ["cifar_flip-clean-none-s0.json"]
 
 
 @pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "auto_snr_pe", "l1"])
@@ -245,7 +245,7 @@ def test_automatic_methods_end_to_end(tiny, tmp_path, method):
     tune = method.replace("_pe", "")
     res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", tune, "--lrs", "1e-3", *extra))
     suffix = "-snr_per_example" if method == "auto_snr_pe" else ""  # a variant never overwrites the default's file
-    assert os.listdir(tmp_path) == [f"cifar_flip-clean-{tune}-s0{suffix}.json"]
+    assert untagged(tmp_path) == [f"cifar_flip-clean-{tune}-s0{suffix}.json"]
     n_all = len(list(M.build_model().parameters()))
     if method == "auto_rgn":  # every tensor but the norms trains; one multiplier line per epoch, the top one at 1
         assert all("bn" not in n and not n.startswith("norm.") for n in res["trained"]["names"])

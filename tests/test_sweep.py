@@ -12,7 +12,7 @@ import time
 import pytest
 
 import train
-from tinydata import write_cifar
+from tinydata import untag, write_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ["cifar_c-gaussian_noise-none-s0", "cifar_c-gaussian_noise-fc-s0", "cifar_c-gaussian_noise-all-s0"]
@@ -36,11 +36,6 @@ def env(tmp_path_factory):
 def sweep(env, *args, jobs=1):
     return subprocess.run(["bash", "sweep.sh", *args], cwd=REPO, env={**env, "JOBS": str(jobs)}, capture_output=True,
                           text=True)
-
-
-def untag(name):
-    """A result name without its settings tag (-p<hash>): these tests run at tiny, non-protocol settings."""
-    return re.sub(r"-p[0-9a-f]{8}(?=\.json|\.log)", "", name)
 
 
 def results(env):
@@ -78,8 +73,8 @@ def test_list_kill_resume_table(env, tmp_path):
     progress = [ln for ln in second.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", ln)]
     missing = len(RUNS) - len(before)
     assert f"{missing} runs to do, {len(before)} already done" in second.stdout
-    assert len(progress) == missing and all(re.search(r"tune=\w+ seed=0 \[p[0-9a-f]{8}\] -> [\d.]+% \(\d+s, ETA \d+s\)$", ln)
-                                            for ln in progress), progress
+    line = r"tune=\w+ seed=0 \[p[0-9a-f]{8}\] -> [\d.]+% \(\d+s, ETA \d+s\)$"
+    assert len(progress) == missing and all(re.search(line, ln) for ln in progress), progress
     assert {ln.split("/")[0] for ln in progress} == {f"[{k}" for k in range(1, missing + 1)}
     after = results(env)
     assert sorted(f for f in after if f.endswith(".json")) == sorted(names)
@@ -104,7 +99,7 @@ for flag in ("--data", "--corruption", "--tune", "--seed", "--out_dir"):
     p.add_argument(flag, default="clean")
 a, _ = p.parse_known_args()
 t0 = time.time()
-time.sleep(0.4)
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0.4")))
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES')} {t0} {time.time()}\\n")
 if a.tune == "layer2":
@@ -115,9 +110,9 @@ with open(os.path.join(a.out_dir, f"{a.data}-{a.corruption}-{a.tune}-s{a.seed}.j
 '''
 
 
-def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
-    # A fake nvidia-smi with two GPUs and a python that runs a stand-in for finetune.py: JOBS=4 worker slots must
-    # map to GPUs 0,1,0,1, so no GPU ever has more than two runs at once; a failed run is reported and the rest go on.
+def fake_env(tmp_path):
+    """Knobs for a sweep whose finetune.py runs are a stand-in (FAKE_FT) and whose machine has two fake GPUs;
+    the run list itself still comes from the real finetune.py --result_paths."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (tmp_path / "fake_ft.py").write_text(FAKE_FT)
@@ -132,6 +127,13 @@ def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
                CKPT="paper", RESULTS=str(tmp_path / "results"), SEEDS="0", DATASETS="cifar_c",
                CORRUPTIONS="gaussian_noise", METHODS="none layer1 layer2 layer3 fc all l1 auto_snr", DEVICE="auto",
                EXTRA="", JOBS="4")
+    return env
+
+
+def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
+    # A fake nvidia-smi with two GPUs and a python that runs a stand-in for finetune.py: JOBS=4 worker slots must
+    # map to GPUs 0,1,0,1, so no GPU ever has more than two runs at once; a failed run is reported and the rest go on.
+    env = fake_env(tmp_path)
     r = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "SOME FAILED" in r.stdout and "| Full Fine-Tuning | 50.0 (-) |" in r.stdout
     assert re.search(r"\] cifar_c/gaussian_noise tune=layer2 seed=0 -> FAILED, see .*layer2-s0.log", r.stdout)
@@ -169,3 +171,39 @@ def test_objective_memo_lists_its_own_files(env):
     outs = [untag(os.path.basename(line.split("\t")[0])) for line in listed]
     assert outs == ["cifar_c-gaussian_noise-none-s0-memo.json", "cifar_c-gaussian_noise-layer1+layer2-s0-memo.json"]
     assert all("--objective memo" in line for line in listed)
+
+
+def test_one_sweep_per_folder_even_after_a_kill_9_of_its_shell(tmp_path):
+    # kill -9 the sweep's shell only: its xargs and the run in flight live on, and so does the lock they hold. A
+    # second sweep on the same folder is refused (one line); once they end, a sweep runs the rest, each run once.
+    env = {**fake_env(tmp_path), "FAKE_SLEEP": "1.5", "JOBS": "1", "METHODS": "none fc"}
+    p = subprocess.Popen(["bash", "sweep.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    logs, t0 = tmp_path / "results" / "logs", time.time()
+    while not (logs.is_dir() and any(logs.iterdir())) and time.time() - t0 < 30:  # the first run has started
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    second = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert second.returncode == 1 and "another sweep is running" in second.stderr
+    t0 = time.time()
+    while time.time() - t0 < 30:  # the orphans finish their list, then release the lock
+        third = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env={**env, "FAKE_SLEEP": "0"},
+                               capture_output=True, text=True)
+        if third.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert third.returncode == 0, third.stderr
+    runs = (tmp_path / "runs.log").read_text().splitlines()
+    assert len(runs) == 2 and len(list((tmp_path / "results").glob("*.json"))) == 2  # none ran twice
+    assert not (tmp_path / "results" / ".sweep-tmp").exists()
+
+
+@pytest.mark.parametrize("knob, value, says", [("METHODS", "none layer9", "layer9"),  # "fc,none": test_safety
+                                               ("DATASETS", "cifar_cc", "unknown dataset 'cifar_cc'")])
+def test_bad_knobs_are_one_line_and_queue_nothing(tmp_path, knob, value, says):
+    env = {**fake_env(tmp_path), knob: value}
+    r = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and says in errors[0]
+    assert not (tmp_path / "runs.log").exists()

@@ -1,6 +1,7 @@
 """Tiny CIFAR-format folders for the tests: the official pickle layout, any number of images per file."""
 import os
 import pickle
+import re
 
 import numpy as np
 
@@ -40,3 +41,19 @@ def tiny_resnet50(num_classes=1000, weights=None):
     import model
     assert weights is None, "tests never download weights"
     return model.ResNet50(num_classes, layers=(1, 1, 1, 1), width=8)
+
+
+def untag(name):
+    """A result file name without its settings tag (-p<hash>, finetune.result_path): tests run at tiny settings."""
+    return re.sub(r"-p[0-9a-f]{8}(?=\.json$|\.log$)", "", name)
+
+
+def result_file(folder, name):
+    """The one file in folder whose untagged name is name."""
+    hits = [os.path.join(folder, f) for f in os.listdir(folder) if untag(f) == name]
+    assert len(hits) == 1, (name, os.listdir(folder))
+    return hits[0]
+
+
+def untagged(folder):
+    return sorted(untag(f) for f in os.listdir(folder))
