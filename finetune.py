@@ -21,7 +21,8 @@ computed once, so it takes seconds even on a CPU; --tune all or layer1 backpropa
 1.5 minutes a run with --cpu_bf16 on 2 CPU cores (README "The paper's CIFAR cells" has the measured times).
 
 Result: one JSON per (data, corruption, tune, seed) in --out_dir, e.g. results/cifar_c-gaussian_noise-layer1-s0.json
-(cifar_flip: cifar_flip-clean-fc-s0.json; a prefix list such as layer2.0.,fc. is written layer2.0.+fc.), holding
+(cifar_flip: cifar_flip-clean-fc-s0.json; a prefix list such as layer2.0.,fc. is written layer2.0.+fc.; settings
+that change the numbers away from the protocol add -p<hash>: result_path()), holding
     data, corruption, severity, tune, seed    what was run ("clean" is the corruption of cifar_flip)
     args                                      every flag
     trained                                   {"tensors", "params", "names"}: what trained (auto_rgn: its norms stay
