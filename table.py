@@ -161,7 +161,67 @@ def render(res, notes, folder):
               f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1) + "|"]
     for t in tunes:
         lines.append(f"| {t} | {' | '.join(fmt(s['tunes'][c].get(t)) for c in data_cols)} |")
-    return "\n".join(lines + unsupervised(res)) + "\n"
+    return "\n".join(lines + unsupervised(res) + versus_paper(s, res)) + "\n"
+
+
+# The paper's cells (Lee et al. 2023, Table 1 and the unsupervised table; PROTOCOL sections 7 and 9): (mean, std)
+PAPER = {("No Adaptation", "CIFAR-C"): (52.6, 0), ("Cross-Val", "CIFAR-C"): (82.8, 0.6),
+         ("Full Fine-Tuning", "CIFAR-C"): (79.9, 0.7), ("L1 Regularize", "CIFAR-C"): (81.7, 0.6),
+         ("Auto-SNR", "CIFAR-C"): (80.9, 0.7), ("Auto-RGN", "CIFAR-C"): (81.4, 0.6),
+         ("No Adaptation", "CIFAR-F"): (0, 0), ("Cross-Val", "CIFAR-F"): (93.8, 0.1),
+         ("Full Fine-Tuning", "CIFAR-F"): (85.9, 0.4), ("L1 Regularize", "CIFAR-F"): (84.2, 1.2),
+         ("Auto-SNR", "CIFAR-F"): (17.3, 0.7), ("Auto-RGN", "CIFAR-F"): (87.7, 2.8)}
+PAPER_MEMO = {"none": 67.8, "layer1": 75.4, "layer1+layer2": 75.5, "all": 69.7, "fc": 67.8}
+
+
+def verdict(ours, paper):
+    """Reproduces when within 2 points or within the seed spread (the larger of the two stds)."""
+    if ours is None:
+        return "not run"
+    gap = ours[0] - paper[0]
+    ok = abs(gap) <= max(2.0, ours[1] or 0.0, paper[1])
+    return f"{'reproduces' if ok else 'differs'} ({gap:+.1f})"
+
+
+def versus_paper(s, res):
+    """Markdown lines: our CIFAR cells beside the paper's with a verdict each, and the paper's claims checked."""
+    cols = [c for c in ("CIFAR-C", "CIFAR-F") if c in s["grid"]]
+    if not cols:
+        return []
+    lines = ["", "## Beside the paper (CIFAR columns)", "", "Reproduces = within 2 points or within the seed "
+             "spread (the larger std).", "", "| Method | " + " | ".join(f"{c} ours | {c} paper | verdict"
+                                                                       for c in cols) + " |",
+             "|---" * (3 * len(cols) + 1) + "|"]
+    for row in list(ROWS)[:6]:
+        cells = []
+        for c in cols:
+            ours, paper = s["cells"][(row, c)], PAPER[(row, c)]
+            cells += [fmt(ours), f"{paper[0]:.1f} ({paper[1]:.1f})", verdict(ours and ours[:2], paper)]
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    lines += ["", "Claims:"]
+    for c, want in (("CIFAR-C", "layer1"), ("CIFAR-F", "fc")):  # the best block, and not below tuning all
+        have = s["tunes"].get(c, {})
+        tunes = {b: have[b][0] for b in BLOCKS + ("all",) if have.get(b)}
+        if want in tunes and len(tunes) > 1:
+            best = max(tunes, key=tunes.get)
+            lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in tunes.items())}); the paper: "
+                         f"{want}, above every other block and full fine-tuning -> {'holds' if best == want else 'fails'}")
+    for c in cols:
+        rgn, full = s["cells"][("Auto-RGN", c)], s["cells"][("Full Fine-Tuning", c)]
+        if rgn and full:
+            lines.append(f"- {c}: Auto-RGN {rgn[0]:.1f} vs full fine-tuning {full[0]:.1f}; the paper: at or above"
+                         f" -> {'holds' if round(rgn[0], 1) >= round(full[0], 1) else 'fails'}")
+    memo = {k[2]: [] for k in res if k[0] == "cifar_c/memo"}
+    for k, r in res.items():
+        if k[0] == "cifar_c/memo":
+            memo[k[2]].append(r["test_acc"])
+    m = {t: sum(v) / len(v) for t, v in memo.items()}
+    if {"none", "layer1", "all", "fc"} <= set(m):
+        order = m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
+        lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none {m['none']:.1f}, fc {m['fc']:.1f}; "
+                     f"the paper: layer1 > all > none ~ fc (75.4 / 69.7 / 67.8 / 67.8) -> "
+                     f"{'holds' if order else 'fails'} (means over the corruptions run)")
+    return lines
 
 
 UNSUP_TUNES = ("none", "layer1", "layer1+layer2", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")  # row order
