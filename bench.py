@@ -7,8 +7,8 @@ Speed numbers for the README, one function per benchmark, on the current device.
     python bench.py --what finetune --data imagenet_c  # ResNet-50, 224 px: 5,000 train, 10,000 val + 10,000 test
     python bench.py --what corruptions --threads 1 --data_dir ../shared/data/cifar10-sample   # CIFAR-10-C speed
 
-finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) and test (900) evaluated
-after every epoch and before the first, as finetune.py does it; random uint8 images, so no data on disk. The prefix
+finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) evaluated after every epoch
+and before the first, test (900) where val sets a record (finetune.py's rule; these timings predate it); random uint8 images, so no data on disk. The prefix
 cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data
 imagenet_c: the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init.
 Acceptance (CIFAR only): --tune fc with the cache at least 10x faster than --tune all. The quick look, on a shared
@@ -94,7 +94,7 @@ def bench_finetune(args, dev):
     warm = {s: (x[:args.batch_size], y[:args.batch_size]) for s, (x, y) in splits.items()}
     time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)  # warm-up
     print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px (batch "
-          f"{args.batch_size}), val {args.val_n} + test {args.test_n} evaluated {args.epochs + 1} times; "
+          f"{args.batch_size}), val {args.val_n} evaluated {args.epochs + 1} times, test {args.test_n} at val records; "
           f"{T.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s} {'speedup':>8s}")
     rows = {}

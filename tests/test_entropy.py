@@ -11,17 +11,10 @@ import finetune as FT
 import model as M
 import rgn
 import train as T
-from tinydata import make_images, narrow_resnet26, result_file, write_cifar
+from tinydata import make_images, result_file, write_cifar
 
+pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_net():
-    """Every model built here (train.py, load_checkpoint, finetune.py) is tinydata.narrow_resnet26."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(M.ARCHS, "resnet26", narrow_resnet26)
-        yield
 
 
 @pytest.fixture(scope="module")

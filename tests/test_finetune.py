@@ -15,8 +15,9 @@ import finetune as FT
 import model as M
 import rgn
 import train as T
-from tinydata import make_images, narrow_resnet26, result_file, untagged, write_cifar
+from tinydata import make_images, result_file, untagged
 
+pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
 KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
         "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
@@ -32,14 +33,6 @@ def tiny_splits(n_train=32, n_val=16, n_test=16):
     y = 9 - y  # a shift the source has not seen, so the loss has somewhere to go
     a, b = n_train, n_train + n_val
     return {"train": (x[:a], y[:a]), "val": (x[a:b], y[a:b]), "test": (x[b:], y[b:])}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_net():
-    """Every model built here (train.py, load_checkpoint, finetune.py) is tinydata.narrow_resnet26."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(M.ARCHS, "resnet26", narrow_resnet26)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +170,6 @@ def test_select_rule():
 
 # -----------------------------------------------------------------------------
 # end to end through main() on a tiny CIFAR folder
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny CIFAR folder (160 train, 60 test; 120 images = 12 per class in the pool) and a 1-epoch source."""
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, train_sizes=(80, 80), test_size=60)
-    ckpt = str(root / "src.pt")
-    T.main(["--data_dir", str(root), "--cache_dir", str(root / "cache"), "--holdout", "60", "--epochs", "1",
-            "--limit", "40", "--batch_size", "20", "--device", "cpu", "--out", ckpt])
-    return root, ckpt
-
 
 def ft_argv(tiny, out, *extra, ckpt=None):
     root, src = tiny

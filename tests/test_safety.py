@@ -18,27 +18,10 @@ import finetune as FT
 import model as M
 import table
 import train as T
-from tinydata import narrow_resnet26, write_cifar
+from tinydata import write_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_net():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(M.ARCHS, "resnet26", narrow_resnet26)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny CIFAR folder (160 train, 60 test) and a 1-epoch source trained with a holdout of 60."""
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, train_sizes=(80, 80), test_size=60)
-    ckpt = str(root / "src.pt")
-    T.main(["--data_dir", str(root), "--cache_dir", str(root / "cache"), "--holdout", "60", "--epochs", "1",
-            "--limit", "40", "--batch_size", "20", "--device", "cpu", "--out", ckpt])
-    return root, ckpt
+pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 (the resume test opts out)
 
 
 def ft(tiny, out, *extra):
