@@ -11,8 +11,12 @@
 # temp file and renames it, so a kill at any moment (SIGKILL too) loses only the runs in flight.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-one() {  # one run-list line: skip if its result exists, else finetune.py (log in logs/), then one progress line
+one() {  # one run-list line: skip if its result exists or another sweep runs it, else finetune.py, one progress line
   IFS=$'\t' read -r out args <<< "$1" && [ ! -f "$out" ] || return 0
+  # a lock per run, held by finetune.py too: sweeps that share a results folder (or a killed sweep's runs still
+  # in flight) never run the same run twice; taken, then the result checked again
+  mkdir -p "$(dirname "$out")/.locks" && exec {lock}>>"$(dirname "$out")/.locks/$(basename "$out" .json)"
+  flock -n "$lock" && [ ! -f "$out" ] || return 0
   read -ra gpus <<< "${GPUS:-}"  # a local worker slot keeps its GPU; Slurm sets CUDA_VISIBLE_DEVICES itself
   [ ${#gpus[@]} -gt 0 ] && [ -n "${SLOT:-}" ] && export CUDA_VISIBLE_DEVICES=${gpus[SLOT % ${#gpus[@]}]}
   log=$(dirname "$out")/logs/$(basename "$out" .json).log && t0=$(date +%s) && mkdir -p "$(dirname "$log")"
@@ -95,13 +99,8 @@ if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missin
     --output="$RESULTS/logs/slurm-%A_%a.out" "$HERE/slurm/array.sbatch" "$HERE" "$list" "$per"
   echo "$n runs submitted; when they are done: python $HERE/table.py --results $RESULTS"; exit 0
 fi
-# One sweep per results folder: the lock is held by this shell and every process it starts (xargs, finetune.py),
-# so killing only this shell still keeps a second sweep out until the runs in flight end.
-exec 9>>"$RESULTS/.sweep.lock"
-flock -n 9 || { echo "error: another sweep is running on $RESULTS (it holds $RESULTS/.sweep.lock); wait for it" \
-  "or set RESULTS to another folder" >&2; exit 1; }
-TMP=$RESULTS/.sweep-tmp && rm -rf "$TMP" && mkdir -p "$TMP"  # under the lock: what a killed sweep left is stale
-find "$RESULTS" -maxdepth 1 -name '*.json.tmp*' -delete  # killed runs' temps (no run is in flight: we hold the lock)
+TMP=$RESULTS/.sweep-$$ && mkdir -p "$TMP"  # this sweep's lists; those of killed sweeps go below
+for d in "$RESULTS"/.sweep-*; do kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"; done
 START=$(date +%s) && while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done < <(sources)
 list=$TMP/list && COUNT=$TMP/count && : > "$COUNT" && trap 'rm -rf "$TMP"' EXIT && runs > "$TMP/all"
 pending < "$TMP/all" > "$list" && N=$(wc -l < "$list")
