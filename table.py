@@ -87,8 +87,10 @@ def summarize(res):
         blocks = [b for b in BLOCKS if b in acc]  # Cross-Val chooses among the blocks this column has
         acc["crossval"], acc["crossval_c"], picks = {}, {}, Counter()
         for s in sorted({s for _, s in grid}):  # PROTOCOL section 5: one block per (column, seed), by the val
-            cs = [c for c, s_ in grid if s_ == s]  # accuracy averaged over the column's corruptions
-            if blocks and all((c, b, s) in rs for b in blocks for c in cs):  # a choice needs every candidate
+            # accuracy averaged over the column's corruptions that have every candidate (a part-done sweep: the
+            # cell is then marked incomplete)
+            cs = [c for c, s_ in grid if s_ == s and all((c, b, s) in rs for b in blocks)]
+            if blocks and cs:
                 mean_val = {b: sum(rs[(c, b, s)]["val_acc"] for c in cs) / len(cs) for b in blocks}
                 best = max(blocks, key=lambda b: (mean_val[b], -blocks.index(b)))
                 acc["crossval"].update({(c, s): rs[(c, best, s)]["test_acc"] for c in cs})
