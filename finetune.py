@@ -56,6 +56,7 @@ layer1/layer2/layer3/fc with the best val_acc, at its test_acc; Full Fine-Tuning
 """
 import argparse
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -214,8 +215,14 @@ def parse_args(argv=None):
                          "block or prefix list as --tune (the automatic methods select with labels or over epochs)")
     if args.data in ("cifar_c", "imagenet_c"):  # one line for an unknown name
         (data.parse_corruptions if args.data == "cifar_c" else data.parse_imagenet_c)(args.corruption)
-    tune_names(M.build_model(arch_of(args.data)), args.tune)  # fail on a bad --tune now, before any training
+    tune_names(probe_model(arch_of(args.data), M.ARCHS[arch_of(args.data)]), args.tune)  # a bad --tune fails now
     return args
+
+
+@functools.lru_cache(maxsize=4)
+def probe_model(arch, builder):
+    """A randomly initialised net of arch, built once per builder: its parameter names check --tune."""
+    return builder()
 
 
 def check_numbers(args):
@@ -732,16 +739,24 @@ def family_targets(args, corruptions, num_classes, dev):
                   for s in ("train", "val", "test")}, t["source_test"] and tuple(v.to(dev) for v in t["source_test"])
 
 
+def corruption_list(args):
+    if args.data == "cifar_c":
+        return data.parse_corruptions(args.corruption)
+    return data.parse_imagenet_c(args.corruption) if args.data == "imagenet_c" else ["clean"]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--result_paths"]:  # sweep.sh: "<path>\t<flags>" for each line of flags on stdin, nothing run
-        for line in sys.stdin:
-            a = parse_args(shlex.split(line))
-            print(f"{result_path(a, a.corruption)}\t{line.strip()}")
+    if argv[:1] == ["--result_paths"]:  # sweep.sh: for each line of flags on stdin, a line "<path>\t<flags>" per
+        for line in sys.stdin:       # corruption it names (a preset expanded); nothing is run
+            flags = shlex.split(line)
+            at = flags.index("--corruption") + 1 if "--corruption" in flags else None
+            for c in corruption_list(parse_args(flags)):
+                one = flags[:at] + [c] + flags[at + 1:] if at else flags
+                print(f"{result_path(parse_args(one), c)}\t{shlex.join(one)}")
         return []
     args = parse_args(argv)
-    corruptions = (data.parse_corruptions(args.corruption) if args.data == "cifar_c" else
-                   data.parse_imagenet_c(args.corruption) if args.data == "imagenet_c" else ["clean"])
+    corruptions = corruption_list(args)
     missing = [c for c in corruptions if args.data == "cifar_c" and not args.cifar10c_dir and c not in data.CORRUPTIONS]
     if missing:
         raise SystemExit(f"error: corruption {', '.join(missing)} is not implemented in data.CORRUPTIONS yet")

@@ -57,9 +57,6 @@ for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS 
 for d in $DATASETS; do case $d in cifar_c|cifar_flip|imagenet_c|living17|entity30|waterbirds|celeba) ;; *)
   echo "error: unknown dataset '$d' in DATASETS; valid: cifar_c cifar_flip imagenet_c living17 entity30" \
     "waterbirds celeba" >&2; exit 1;; esac; done  # METHODS are checked by finetune.py when the list is made
-names=$(cd "$HERE" && python -c "import data, sys; print(*map(','.join, (data.parse_corruptions(sys.argv[1]),
-  data.parse_imagenet_c(sys.argv[2]))))" "${CORRUPTIONS// /,}" "${IN_CORRUPTIONS// /,}")  # presets -> names, checked
-read -r CORRUPTIONS IN_CORRUPTIONS <<< "$names" && CORRUPTIONS=${CORRUPTIONS//,/ } IN_CORRUPTIONS=${IN_CORRUPTIONS//,/ }
 FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
   "$BREEDS_DIR" "$WATERBIRDS_DIR" "$CELEBA_DIR")  # train.py's and finetune.py's flags for the family's folders
 COMMON=$(printf -- '--data_dir %q --cache_dir %q --out_dir %q --device %q --imagenet_c_dir %q ' "$DATA_DIR" "$CACHE" \
@@ -68,16 +65,17 @@ have() { case $1 in cifar_*) ;; imagenet_c) [ -d "$IMAGENET_C_DIR" ];; waterbird
   living17|entity30) [ -d "$IMAGENET_DIR/train" ] && [ -f "$BREEDS_DIR/class_hierarchy.txt" ];;
   celeba) [ -f "$CELEBA_DIR/celeba/list_attr_celeba.txt" ];; *) false;; esac; }  # is a dataset's folder there?
 ckpt() { case $1 in cifar_*) echo "$CKPT";; imagenet_c) echo imagenet;; *) echo "$FAMILY_CKPT/$1.pt";; esac; }
-runs() {  # the whole run list "<result path>\t<flags>", seeds outermost so a part-done sweep has whole seeds;
-  # finetune.py names each result (its settings included) and checks the flags, running nothing
+runs() {  # the whole run list "<result path>\t<flags>": seeds outermost, then datasets, methods, corruptions, so a
+  # part-done sweep has whole cells; finetune.py expands the corruption presets, checks every flag and names each
+  # result (its settings included), running nothing
   for s in $SEEDS; do for d in $DATASETS; do
     have "$d" || { [ "$s" != "${SEEDS%% *}" ] || echo "no data: $d (README: The ImageNet family)" >&3; continue; }
-    case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs=clean;; esac
+    case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs="";; esac
     ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
-    for c in $cs; do for t in $ms; do
-      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" "$([ "$c" = clean ] \
-        || echo "--corruption $c ")" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
-    done; done; done; done | python "$HERE/finetune.py" --result_paths
+    for t in $ms; do
+      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" "${cs:+--corruption ${cs// /,} }" \
+        "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
+    done; done; done | python "$HERE/finetune.py" --result_paths
 }
 pending() { while IFS=$'\t' read -r out args; do [ -f "$out" ] || printf '%s\t%s\n' "$out" "$args"; done; }
 mkdir -p "$RESULTS/logs"
