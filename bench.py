@@ -8,7 +8,8 @@ Speed numbers for the README, one function per benchmark, on the current device.
     python bench.py --what corruptions --threads 1 --data_dir ../shared/data/cifar10-sample   # CIFAR-10-C speed
 
 finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) evaluated after every epoch
-and before the first, test (900) where val sets a record (finetune.py's rule; these timings predate it); random uint8 images, so no data on disk. The prefix
+and before the first, test (900) where val sets a record (finetune.py's rule; the timings below predate it, when test
+was scored every epoch); random uint8 images, so no data on disk. The prefix
 cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data
 imagenet_c: the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init.
 Acceptance (CIFAR only): --tune fc with the cache at least 10x faster than --tune all. The quick look, on a shared

@@ -310,7 +310,8 @@ def _read_image(path, size):
 
 def read_images(paths, size=224, cache_dir=None, threads=8):
     """uint8 (N,3,size,size), decoded in a thread pool. With cache_dir, a result of at most CACHE_MAX_BYTES is
-    cached there as one checksummed file keyed by the files' paths, sizes, inodes and nanosecond times and by size. A file that cannot be read or
+    cached there as one checksummed file keyed by the files' paths, sizes, inodes and nanosecond times and by size.
+    A file that cannot be read or
     decoded stops with one line naming it."""
     n, cache = len(paths), None
     if cache_dir and n * 3 * size * size <= CACHE_MAX_BYTES:

@@ -408,8 +408,9 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
         wrn = load_robustbench(ckpt) if isinstance(ckpt, dict) and "version" not in ckpt else None
         if wrn is not None:  # a RobustBench file, e.g. its CIFAR-10 Standard.pt
-            return _finite(wrn, path).to(device), {"version": CKPT_VERSION, "arch": "wrn28_10", "num_classes": wrn.fc.out_features,
-                                    "args": {"holdout": 0}, "metrics": {"test_acc": None, "source": path}}
+            meta = {"version": CKPT_VERSION, "arch": "wrn28_10", "num_classes": wrn.fc.out_features,
+                    "args": {"holdout": 0}, "metrics": {"test_acc": None, "source": path}}
+            return _finite(wrn, path).to(device), meta
         version = ckpt.get("version") if isinstance(ckpt, dict) else None
         if version is not None and version != CKPT_VERSION:
             raise SystemExit(f"error: {path} is a version-{version} checkpoint and this code reads version "

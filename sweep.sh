@@ -26,7 +26,8 @@ one() {  # one run-list line: skip if its result exists or another sweep runs it
   k="task ${SLURM_ARRAY_TASK_ID:-?}" && now=$(date +%s)  # in a Slurm array the task; here the finished-run count
   [ -z "${COUNT:-}" ] || k=$(flock "$COUNT" sh -c 'echo >> "$0"; wc -l < "$0"' "$COUNT")
   IFS=- read -r d c t s more <<< "$(basename "$out" .json)" && eta=${T0:+, ETA $(fmt $(( (now - T0) * (N - k) / k )))}
-  echo "[$k/${N:-${SLURM_ARRAY_TASK_COUNT:-?}}] $d/$c tune=$t seed=${s#s}${more:+ [$more]} -> $acc ($(fmt $((now - t0)))${eta:-})"
+  echo "[$k/${N:-${SLURM_ARRAY_TASK_COUNT:-?}}] $d/$c tune=$t seed=${s#s}${more:+ [$more]} -> $acc" \
+    "($(fmt $((now - t0)))${eta:-})"
   [[ $acc != FAILED* ]]
 }
 fmt() { if [ "$1" -lt 100 ]; then echo "${1}s"; else echo "$(( $1 / 60 )).$(( $1 % 60 / 6 ))m"; fi; }

@@ -207,7 +207,8 @@ def versus_paper(s, res):
         if want in tunes and len(tunes) > 1:
             best = max(tunes, key=tunes.get)
             lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in tunes.items())}); the paper: "
-                         f"{want}, above every other block and full fine-tuning -> {'holds' if best == want else 'fails'}")
+                         f"{want}, above every other block and full fine-tuning -> "
+                         f"{'holds' if best == want else 'fails'}")
     for c in cols:
         rgn, full = s["cells"][("Auto-RGN", c)], s["cells"][("Full Fine-Tuning", c)]
         if rgn and full:
