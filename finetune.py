@@ -46,6 +46,8 @@ that change the numbers away from the protocol add -p<hash>: result_path()), hol
                                               {name: score}, "selected": [names])
     variant                                   a method's non-default flags (e.g. "snr_per_example"), also at the
                                               end of the file name; null for the default method
+    changed                                   {flag: value} of the settings that change the numbers and differ
+                                              from the protocol ({} for a protocol run; the file name's -p<hash>)
     seconds, torch, device                    wall time of the run, versions, hardware
 --objective entropy / memo write ...-s0-entropy.json / -memo.json with "objective" added; the history is one entry
 {"lr", "lambda": null, "stream": [{"batch", "n", "entropy", "acc", "seconds"}, ...]} (memo: per chunk of images),
@@ -526,10 +528,15 @@ NUMBER_FLAGS = ("severity", "corruption_seed", "train_n", "val_per_class", "test
                 "memo_copies", "memo_lr")
 
 
+def changed_settings(args):
+    """{flag: value} of the NUMBER_FLAGS that differ from the --data (and --objective) defaults."""
+    base = parse_args(["--data", args.data, "--objective", args.objective, "--snr", args.snr])
+    return {k: getattr(args, k) for k in NUMBER_FLAGS if getattr(args, k) != getattr(base, k)}
+
+
 def result_path(args, corruption):
     """<out_dir>/<data>-<corruption>-<tune>-s<seed>[-<objective>][-<variant>][-p<settings hash>].json"""
-    base = parse_args(["--data", args.data, "--objective", args.objective, "--snr", args.snr])
-    changed = {k: getattr(args, k) for k in NUMBER_FLAGS if getattr(args, k) != getattr(base, k)}
+    changed = changed_settings(args)
     tune = re.sub(r"[^\w.+-]", "_", args.tune.replace(",", "+"))
     name = f"{args.data}-{corruption}-{tune}-s{args.seed}" + ("" if args.objective == "ce" else f"-{args.objective}")
     name += f"-{variant(args)}" if variant(args) else ""
@@ -539,7 +546,7 @@ def result_path(args, corruption):
 
 def save_result(res, args, corruption):
     """One JSON per run at result_path(), written atomically, strict JSON; returns the path."""
-    res["variant"] = variant(args)
+    res["variant"], res["changed"] = variant(args), changed_settings(args)
     path = result_path(args, corruption)
     os.makedirs(args.out_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

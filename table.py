@@ -42,11 +42,12 @@ def load(folder):
         try:
             with open(path) as f:
                 r = json.load(f)
-            key = (r["data"], r["corruption"], r["tune"] + (f"[{r['variant']}]" if r.get("variant") else ""),
-                   r["seed"])
+            tags = [r["variant"]] if r.get("variant") else []  # a variant or other settings: a row of its own
+            tags += [",".join(f"{k}={v}" for k, v in sorted(r.get("changed", {}).items()))] if r.get("changed") else []
+            key = (r["data"], r["corruption"], r["tune"] + "".join(f"[{g}]" for g in tags), r["seed"])
             if r.get("objective", "ce") != "ce":  # --objective memo / entropy: "cifar_c/memo", own tables
                 key = (f"{r['data']}/{r['objective']}", *key[1:])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             notes.append(f"skipped {path}: not a finetune.py result ({type(e).__name__})")
             continue
         if not (isinstance(r["test_acc"], (int, float)) and math.isfinite(r["test_acc"])):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow Res
 QUIET = dict(log=lambda s: None)
 KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
         "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
-        "test_avg_acc", "variant"}
+        "test_avg_acc", "variant", "changed"}
 
 
 def tiny_args(*extra):
