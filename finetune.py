@@ -106,7 +106,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("target data (PROTOCOL section 4)")
     g.add_argument("--data", default="cifar_c", choices=list(PROTOCOL))
-    g.add_argument("--corruption", default=None, help="cifar_c: one name, a comma list, paper14 (default) or all19; "
+    g.add_argument("--corruption", default=None, help="cifar_c: one name, a comma list, paper14 (default; "
+                   "--objective memo: standard15), standard15 or all19; "
                    "imagenet_c: one name, a comma list, paper15 (default) or all19")
     g.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     g.add_argument("--corruption_seed", type=int, default=0, help="seed of the corruptions' randomness")
@@ -197,8 +198,9 @@ def parse_args(argv=None):
         setattr(args, flag, proto[key] if getattr(args, flag) is None else getattr(args, flag))
     if args.snr_threshold is None:
         args.snr_threshold = 0.95 if args.snr == "eb" else 0.2
-    if args.corruption is None:  # an empty --corruption is an error below, never "all"
-        args.corruption = {"cifar_c": "paper14", "imagenet_c": "paper15"}.get(args.data, "clean")
+    if args.corruption is None:  # an empty --corruption is an error below, never "all"; MEMO's table: the 15
+        args.corruption = {"cifar_c": "standard15" if args.objective == "memo" else "paper14",
+                           "imagenet_c": "paper15"}.get(args.data, "clean")
     args.ckpt = args.ckpt or {"cifar_c": "paper", "cifar_flip": "paper",
                               "imagenet_c": "imagenet"}.get(args.data, f"ckpt/{args.data}.pt")
     try:
