@@ -43,7 +43,7 @@ BREEDS_DIR=${BREEDS_DIR:-data/breeds} WATERBIRDS_DIR=${WATERBIRDS_DIR:-data/wate
 CELEBA_DIR=${CELEBA_DIR:-data} IN_CORRUPTIONS=${IN_CORRUPTIONS:-paper15}  # ImageNet-C: paper15, all19 or names
 TRAIN_ARGS=${TRAIN_ARGS-$(small "--small --epochs 10 --holdout 1017" "")}  # train.py flags (sample: 1017)
 SEEDS=${SEEDS:-$(small "0 1" "0 1 2")}
-CORRUPTIONS=${CORRUPTIONS:-$(small gaussian_noise paper14)}    # names (space or comma list), paper14 or all19
+CORRUPTIONS=${CORRUPTIONS:-$(small gaussian_noise paper14)}    # names (space or comma list), paper14, standard15, all19
 METHODS=${METHODS:-none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn}
 DATASETS=${DATASETS:-cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba}
 OBJECTIVE=${OBJECTIVE:-ce}                                     # ce (the table), memo or entropy (unsupervised)
@@ -74,8 +74,8 @@ runs() {  # the whole run list "<result path>\t<flags>": seeds outermost, then d
     case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs="";; esac
     ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
     for t in $ms; do
-      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" "${cs:+--corruption ${cs// /,} }" \
-        "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
+      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" \
+        "${cs:+--corruption ${cs// /,} }" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
     done; done; done | python "$HERE/finetune.py" --result_paths
 }
 pending() { while IFS=$'\t' read -r out args; do [ -f "$out" ] || printf '%s\t%s\n' "$out" "$args"; done; }
@@ -90,7 +90,8 @@ sources() {  # one train.py command line per missing source model the run list n
   done
 }
 if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missing source models are jobs first
-  list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs | pending > "$list" && n=$(wc -l < "$list") && per=${PER_TASK:-1}
+  list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs | pending > "$list"
+  n=$(wc -l < "$list") && per=${PER_TASK:-1}
   ids=() && while read -r cmd; do ids+=("$(sbatch --parsable --job-name=surgical-source \
     --output="$RESULTS/logs/source-%j.out" --wrap "$cmd")"); done < <(sources)
   dep=() && [ ${#ids[@]} = 0 ] || dep=(--dependency=afterok:$(IFS=:; echo "${ids[*]}"))
