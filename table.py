@@ -251,13 +251,16 @@ def unsupervised(res):
             continue
         grid = {(c, s) for c, _, s in rs}
         cs, tunes = sorted({c for c, _ in grid}), {t for _, t, _ in rs}
+        every = sorted(c for c in cs if all((c, t, s) in rs for t in tunes for c_, s in grid if c_ == c))
         named = [c for c in UNSUP_NAMED if c in cs]
-        lines += ["", f"## Unsupervised: {title}", "", f"CIFAR-C accuracy (%) on the adapted images; mean over "
-                  f"{len(cs)} corruption(s): {', '.join(cs)}.", "",
-                  f"| Tune | mean | {' | '.join(named)} |", "|---" * (len(named) + 2) + "|"]
+        lines += ["", f"## Unsupervised: {title}", "", f"CIFAR-C accuracy (%) on the adapted images. \"paired\": "
+                  f"the mean over the {len(every)} corruption(s) every tune has ({', '.join(every) or 'none'}); "
+                  f"\"all run\": over whatever each tune has of the {len(cs)} present ({', '.join(cs)}).", "",
+                  f"| Tune | paired | all run | {' | '.join(named)} |", "|---" * (len(named) + 3) + "|"]
         for t in [t for t in UNSUP_TUNES if t in tunes] + sorted(tunes - set(UNSUP_TUNES)):
             acc = {(c, s): v for (c, t_, s), v in rs.items() if t_ == t}
-            cells = [cell(acc, len(grid))] + [cell({k: v for k, v in acc.items() if k[0] == c},
+            cells = [cell({k: v for k, v in acc.items() if k[0] in every}, sum(g[0] in every for g in grid)),
+                     cell(acc, len(grid))] + [cell({k: v for k, v in acc.items() if k[0] == c},
                                                    sum(g[0] == c for g in grid)) for c in named]
             lines.append(f"| {t} | {' | '.join(map(fmt, cells))} |")
     return lines

@@ -175,6 +175,7 @@ def test_table_keeps_entropy_results_apart(tmp_path):
     md = table.render(res, notes, str(tmp_path))
     assert "| No Adaptation | 40.0 (0.0) |" in md  # the supervised table sees only the supervised results
     lines = md.split("(--objective entropy)")[1].splitlines()
-    assert "| Tune | mean | gaussian_noise |" in lines and "mean over 2 corruption(s): gaussian_noise, snow" in md
-    assert "| none | 55.0 (0.0) | 50.0 (0.0) |" in lines
-    assert "| layer1 | 76.0 (5.7)* | 71.0 (1.4) |" in lines  # per seed (70 + 90) / 2 and 72: mean 76, std 4 * 2**.5
+    assert "| Tune | paired | all run | gaussian_noise |" in lines and "of the 2 present (gaussian_noise, snow)" in md
+    # paired: gaussian_noise only (snow lacks layer1 seed 1); all run: per seed (70 + 90) / 2 and 72 for layer1
+    assert "| none | 50.0 (0.0) | 55.0 (0.0) | 50.0 (0.0) |" in lines
+    assert "| layer1 | 71.0 (1.4) | 76.0 (5.7)* | 71.0 (1.4) |" in lines  # mean 76, std 4 * 2**.5
