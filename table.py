@@ -146,7 +146,8 @@ def render(res, notes, folder):
                      "worst-group val accuracy; each result's test_avg_acc holds the average over the 4 groups.")
     for key in SAME:  # results of different protocols in one column would be averaged together: say so
         for col, data in COLUMNS.items():
-            seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items() if k[0] == data})
+            seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items()
+                           if k[0] == data and not r.get("changed")})  # changed settings: rows of their own
             if len(seen) > 1:
                 notes.append(f"{col} results differ in {key}: {', '.join(seen)}")
     lines += [f"- warning: {n}" for n in notes]
