@@ -35,24 +35,41 @@ RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # the methods Avg Rank compares
 SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd", "lrs")
 
 
+def settings(r):
+    return ",".join(f"{k}={v}" for k, v in sorted((r.get("changed") or {}).items()))
+
+
 def load(folder):
-    """{(data, corruption, tune, seed): result} from folder/*.json, and notes on files it could not use."""
-    res, notes = {}, []
+    """{(data, corruption, tune, seed): result} from folder/*.json, and notes on files it could not use. Per --data
+    the protocol's results (or, with none, the most common settings) fill the rows; a method variant or results of
+    other settings (finetune.py's "changed") get a tune of their own, e.g. "all[lrs=...]"."""
+    rs, notes = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
             with open(path) as f:
                 r = json.load(f)
-            tags = [r["variant"]] if r.get("variant") else []  # a variant or other settings: a row of its own
-            tags += [",".join(f"{k}={v}" for k, v in sorted(r.get("changed", {}).items()))] if r.get("changed") else []
-            key = (r["data"], r["corruption"], r["tune"] + "".join(f"[{g}]" for g in tags), r["seed"])
-            if r.get("objective", "ce") != "ce":  # --objective memo / entropy: "cifar_c/memo", own tables
-                key = (f"{r['data']}/{r['objective']}", *key[1:])
+            if not isinstance(r, dict) or not {"data", "corruption", "tune", "seed", "test_acc"} <= set(r):
+                raise KeyError("the keys of a result")
+            settings(r)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             notes.append(f"skipped {path}: not a finetune.py result ({type(e).__name__})")
             continue
         if not (isinstance(r["test_acc"], (int, float)) and math.isfinite(r["test_acc"])):
             notes.append(f"skipped {path}: its test_acc {r['test_acc']!r} is not a finite number")
             continue
+        rs.append((path, r))
+    main = {}
+    for d in {r["data"] for _, r in rs}:
+        seen = Counter(settings(r) for _, r in rs if r["data"] == d)
+        main[d] = "" if "" in seen else seen.most_common(1)[0][0]
+    res = {}
+    for path, r in rs:
+        tags = [r["variant"]] if r.get("variant") else []
+        tags += [settings(r)] if settings(r) != main[r["data"]] else []
+        r["main_settings"] = not tags
+        key = (r["data"], r["corruption"], r["tune"] + "".join(f"[{g}]" for g in tags), r["seed"])
+        if r.get("objective", "ce") != "ce":  # --objective memo / entropy: "cifar_c/memo", own tables
+            key = (f"{r['data']}/{r['objective']}", *key[1:])
         if key in res:
             notes.append(f"skipped {path}: a second result for {key}")
             continue
@@ -147,7 +164,7 @@ def render(res, notes, folder):
     for key in SAME:  # results of different protocols in one column would be averaged together: say so
         for col, data in COLUMNS.items():
             seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items()
-                           if k[0] == data and not r.get("changed")})  # changed settings: rows of their own
+                           if k[0] == data and r["main_settings"]})  # other settings: rows of their own
             if len(seen) > 1:
                 notes.append(f"{col} results differ in {key}: {', '.join(seen)}")
     lines += [f"- warning: {n}" for n in notes]
