@@ -691,8 +691,7 @@ def load_source(args, dev):
         print(f"no checkpoint at {args.ckpt}: training a source model first: python train.py {shlex.join(targv)}")
         targs = T.parse_args(targv)
         net, metrics = T.train(targs)
-        M.save_checkpoint(args.ckpt, net, targs.arch, targs, metrics)
-        os.remove(f"{args.ckpt}.state")  # whole: nothing left to resume
+        T.save_source(targs, net, metrics)
     source, ckpt = M.load_checkpoint(args.ckpt, dev)
     if args.data.startswith("cifar") and ckpt["num_classes"] != 10:
         raise SystemExit(f"error: {args.ckpt} has {ckpt['num_classes']} outputs; CIFAR needs a 10-class source")

@@ -45,6 +45,13 @@ STAGES = tuple(STAGE_PARAMS["resnet26"])
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights expect these
 
 
+def he_fan_out(net):
+    """Conv weights drawn from N(0, 2 / (k*k*C_out)): He init over fan-out, as both CIFAR nets' code does."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+
+
 class Shortcut(nn.Module):
     """Parameter-free shortcut: average-pool by the stride, then zero-pad the new channels."""
 
@@ -89,9 +96,7 @@ class ResNet26(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.norm = nn.GroupNorm(8, c)
         self.fc = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # N(0, 2 / (k*k*C_out)), He init over fan-out
-                nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+        he_fan_out(self)
 
     def stage(self, name, x):
         if name == "conv1":  # uint8 images in, scaled to [0,1] then (x - 0.5) / 0.5 per channel
@@ -193,9 +198,7 @@ class WideResNet28(nn.Module):
         self.block2 = WideNetworkBlock(n, c[1], c[2], 2)
         self.block3 = WideNetworkBlock(n, c[2], c[3], 2)
         self.bn1, self.fc = nn.BatchNorm2d(c[3]), nn.Linear(c[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+        he_fan_out(self)
         nn.init.zeros_(self.fc.bias)
 
     def stage(self, name, x):

@@ -289,12 +289,17 @@ def train(args):
     return raw, metrics
 
 
+def save_source(args, net, metrics):
+    """The checkpoint at args.out, then the per-epoch state removed: the run is whole, nothing is left to resume."""
+    M.save_checkpoint(args.out, net, args.arch, args, metrics)
+    os.remove(f"{args.out}.state")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_writable(args.out, "--out")
     net, metrics = train(args)
-    M.save_checkpoint(args.out, net, args.arch, args, metrics)
-    os.remove(f"{args.out}.state")  # the run is whole: a later --resume has nothing to continue
+    save_source(args, net, metrics)
     acc = "none (no source test split)" if metrics["test_acc"] is None else f"{metrics['test_acc']:.2f}%"
     print(f"source test accuracy {acc} after {fmt_time(metrics['seconds'])}; saved {args.out}")
     return net
