@@ -33,6 +33,8 @@ import data
 import finetune as FT
 import model as M
 import train as T
+import protocol as P
+import common as C
 
 TUNES = {"cifar_c": "none,layer1,layer2,layer3,fc,all,auto_rgn", "imagenet_c": "layer1,layer4,fc,all"}
 # (train, val, test images, epochs, image size, classes) of one run
@@ -72,7 +74,7 @@ def _sync(dev):
 
 def time_finetune(source, tune, splits, args, dev, cache):
     """Seconds for one finetune.py run of one lr: the prefix (when cached) + the epochs + the evaluations."""
-    fargs = FT.parse_args(["--data", args.data, "--tune", tune, "--epochs", str(args.epochs), "--batch_size",
+    fargs = P.parse_args(["--data", args.data, "--tune", tune, "--epochs", str(args.epochs), "--batch_size",
                            str(args.batch_size), "--seed", str(args.seed), "--device", dev.type])
     names = FT.tune_names(source, tune)
     _sync(dev)
@@ -87,7 +89,7 @@ def time_finetune(source, tune, splits, args, dev, cache):
 def bench_finetune(args, dev):
     """Table of seconds per fine-tuning run for every --tune, with and without the prefix cache."""
     torch.manual_seed(args.seed)
-    source = T.prepare(M.build_model(FT.arch_of(args.data), args.num_classes), dev).eval()
+    source = C.prepare(M.build_model(FT.arch_of(args.data), args.num_classes), dev).eval()
     g, px = torch.Generator().manual_seed(args.seed), args.image_size
     splits = {s: (torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g).to(dev),
                   torch.randint(0, args.num_classes, (n,), generator=g).to(dev))
@@ -96,12 +98,12 @@ def bench_finetune(args, dev):
     time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)  # warm-up
     print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px (batch "
           f"{args.batch_size}), val {args.val_n} evaluated {args.epochs + 1} times, test {args.test_n} at val records; "
-          f"{T.device_name(dev)}")
+          f"{C.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s} {'speedup':>8s}")
     rows = {}
     for tune in args.tunes.split(","):
         off, _, names = time_finetune(source, tune, splits, args, dev, cache=False)
-        k = FT.cache_stage(names, FT.parse_args(["--data", args.data, "--tune", tune]), source.arch)
+        k = FT.cache_stage(names, P.parse_args(["--data", args.data, "--tune", tune]), source.arch)
         on = time_finetune(source, tune, splits, args, dev, cache=True)[0] if k else off  # k = 0: the same path
         rows[tune] = {"off": off, "on": on, "stages": k}
         n = sum(p.numel() for nm, p in source.named_parameters() if nm in set(names))
@@ -122,7 +124,7 @@ def bench_corruptions(args, dev):
     else:
         x = torch.randint(0, 256, (args.n_images, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator())
     x = x.to(dev)
-    print(f"CIFAR-10-C: 19 corruptions x 5 severities x {len(x):,d} images, {T.device_name(dev)}, "
+    print(f"CIFAR-10-C: 19 corruptions x 5 severities x {len(x):,d} images, {C.device_name(dev)}, "
           f"{torch.get_num_threads()} thread(s)")
     rows = {}
     for name in data.ALL19:
@@ -146,7 +148,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = T.get_device(args.device)
+    dev = C.get_device(args.device)
     return {name: fn(args, dev) for name, fn in BENCHES.items() if args.what in ("all", name)}
 
 

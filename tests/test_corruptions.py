@@ -78,4 +78,9 @@ def test_gallery_png(tmp_path, images):
     from torchvision.io import read_image
     data.gallery(images[:2], str(tmp_path / "g.png"), names=("fog", "contrast"))
     img = read_image(str(tmp_path / "g.png"))
-    assert img.shape[0] == 3 and img.shape[2] == 6 * 33 + 1 and img.shape[1] == 4 * 33 + 1
+    # a 120 px label column and a 14 px header, then the grid of 4 rows x 6 columns of 33 px cells at 2x
+    assert img.shape == (3, 14 + 2 * (4 * 33 + 1), 120 + 2 * (6 * 33 + 1))
+    grid = img[:, 14:, 120:][:, ::2, ::2]
+    assert torch.equal(grid[:, 1:33, 1:33], images[0]) and torch.equal(grid[:, 34:66, 1:33], images[1])  # clean
+    assert torch.equal(grid[:, 1:33, 34:66], data.corrupt(images[:2], "fog", 1)[0])  # fog, severity 1
+    assert (img[:, :14, 120:] < 128).any() and (img[:, 14:, :120] < 128).any()  # the labels are drawn

@@ -13,6 +13,9 @@ import model as M
 import train as T
 from fakefolders import make_breeds_info, make_imagenet, make_imagenet_c, make_waterbirds
 from tinydata import result_file, tiny_resnet50, untagged
+import protocol as P
+import checkpoints as CK
+import family
 
 QUIET = dict(log=lambda s: None)
 
@@ -37,14 +40,16 @@ def waterbirds(tmp_path_factory):
 
 
 def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_path):
-    """No checkpoint: finetune.py trains the source with train.py's waterbirds recipe (1 epoch here), then tunes fc;
-    the cells are worst-group accuracy, selected on worst-group val accuracy."""
+    """train.py's waterbirds recipe (1 epoch here), then finetune.py tunes fc; the cells are worst-group accuracy,
+    selected on worst-group val accuracy."""
     ckpt = tmp_path / "wb.pt"
-    argv = common(tmp_path, "--data", "waterbirds", "--waterbirds_dir", str(waterbirds / "wb"), "--ckpt", str(ckpt),
-                  "--train_n", "12", "--val_per_class", "2", "--out_dir", str(tmp_path / "res"),
-                  "--source_args", "--epochs 1 --batch_size 8")
+    T.main(["--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--out", str(ckpt), "--device", "cpu",
+            "--cache_dir", str(tmp_path / "cache"), "--image_size", "32", "--weights", "none", "--epochs", "1",
+            "--batch_size", "8"])
+    argv = common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--ckpt", str(ckpt),
+                  "--train_n", "12", "--val_per_class", "2", "--out_dir", str(tmp_path / "res"))
     res, = FT.main(argv + ["--tune", "fc"])
-    saved = M.load_checkpoint(str(ckpt))[1]
+    saved = CK.load_checkpoint(str(ckpt))[1]
     assert saved["arch"] == "resnet50" and saved["num_classes"] == 2 and saved["args"]["data"] == "waterbirds"
     out = json.loads(open(result_file(tmp_path / "res", "waterbirds-clean-fc-s0.json")).read())
     assert out["metric"] == "worst-group accuracy" and out["source_acc"] is None
@@ -68,7 +73,7 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
     source = tiny_resnet50(3).eval()
     x, y = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.arange(24) % 3
     target = {"train": (x[:16], y[:16]), "val": (x[16:20], y[16:20]), "test": (x[20:], y[20:])}
-    args = FT.parse_args(["--data", "living17", "--tune", tune, "--epochs", "2", "--batch_size", "8",
+    args = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "2", "--batch_size", "8",
                           "--device", "cpu"])
     names = FT.tune_names(source, tune)
     runs = []
@@ -76,7 +81,7 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
         k = FT.cache_stage(names, args, "resnet50") if cache else 0
         splits, starts = FT.cached_splits(source, target, k, args, **QUIET)
         net = copy.deepcopy(source)
-        h, _ = FT.finetune(net, names, splits, 1e-2, args, start=starts, **QUIET)
+        h, _ = FT.finetune(net, names, splits, 1e-2, args, start=starts)
         runs.append(h)
         before, after = source.state_dict(), net.state_dict()
         moved = {n for n in before if not torch.equal(before[n], after[n])}
@@ -87,11 +92,11 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
         assert a["val_acc"] == b["val_acc"] and a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     # --bn train: batch statistics, so the running ones of the tuned block move and nothing is cached
-    targs = FT.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8", "--bn",
+    targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8", "--bn",
                            "train", "--device", "cpu"])
     assert FT.cache_stage(names, targs, "resnet50") == 0
     net = copy.deepcopy(source)
-    FT.finetune(net, names, target, 1e-2, targs, **QUIET)
+    FT.finetune(net, names, target, 1e-2, targs)
     moved = {n for n, v in net.state_dict().items() if not torch.equal(v, source.state_dict()[n])}
     assert any("running" in n for n in moved)
 
@@ -103,9 +108,9 @@ def test_prefix_cache_budget_runs_the_rest_whole():
     target = {"train": (x[:4], y[:4]), "val": (x[4:8], y[4:8]), "test": (x[8:], y[8:])}
     names = FT.tune_names(source, "layer4")
     k = M.first_stage(names, "resnet50")
-    one = FT.prefix(source, x[:1], k)
+    one = M.prefix(source, x[:1], k)
     per_split = 4 * one.numel() * one.element_size()  # bytes of one split's cached activations
-    args = FT.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
+    args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
                           "--prefix_cache_gb", str(1.5 * per_split / 2 ** 30)])
     splits, starts = FT.cached_splits(source, target, k, args, **QUIET)
     assert starts == {"train": k, "val": 0, "test": 0}  # train fits, then the budget is spent
@@ -117,10 +122,10 @@ def test_living17_train_then_finetune(tmp_path):
     subclasses, with the source accuracy kept measured on ImageNet val images of the source subclasses."""
     facts = make_breeds_info(str(tmp_path / "breeds"))
     make_imagenet(str(tmp_path / "imagenet"), facts["leaves"], n_train=4, n_val=2)
-    folders = ["--imagenet_dir", str(tmp_path / "imagenet"), "--breeds_dir", str(tmp_path / "breeds")]
+    folders = ["--data_dir", str(tmp_path / "imagenet"), "--breeds_dir", str(tmp_path / "breeds")]
     ckpt = str(tmp_path / "l17.pt")
     T.main(common(tmp_path, "--data", "living17", "--out", ckpt, *folders))
-    assert M.load_checkpoint(ckpt)[1]["num_classes"] == len(facts["living17"]["superclasses"])
+    assert CK.load_checkpoint(ckpt)[1]["num_classes"] == len(facts["living17"]["superclasses"])
     res, = FT.main(common(tmp_path, "--data", "living17", "--ckpt", ckpt, "--tune", "layer4", "--train_n", "6",
                           "--val_per_class", "2", "--lrs", "1e-3", "--out_dir", str(tmp_path / "res"), *folders))
     assert res["tune"] == "layer4" and res["metric"] == "accuracy" and res["test_avg_acc"] is None
@@ -131,13 +136,13 @@ def test_living17_train_then_finetune(tmp_path):
 
 def test_imagenet_c_two_corruptions_and_the_1000_class_check(tmp_path):
     make_imagenet_c(str(tmp_path / "inc"), corruptions=("fog", "snow"), per_class=6)
-    argv = common(tmp_path, "--data", "imagenet_c", "--imagenet_c_dir", str(tmp_path / "inc"), "--corruption",
+    argv = common(tmp_path, "--data", "imagenet_c", "--data_dir", str(tmp_path / "inc"), "--corruption",
                   "fog,snow", "--train_n", "6", "--val_per_class", "2", "--test_per_class", "2", "--lrs", "1e-3",
                   "--out_dir", str(tmp_path / "res"), "--tune", "fc")
     with pytest.raises(SystemExit, match="needs all 1000"):  # --ckpt imagenet: the ImageNet head, 3 classes here
         FT.main(argv)
     ckpt = str(tmp_path / "in3.pt")
-    M.save_checkpoint(ckpt, tiny_resnet50(3), "resnet50", T.parse_args(["--data", "waterbirds"]), {})
+    CK.save_checkpoint(ckpt, tiny_resnet50(3), T.parse_args(["--data", "waterbirds"]), {})
     fog, snow = FT.main(argv + ["--ckpt", ckpt])
     assert (fog["corruption"], snow["corruption"], fog["severity"]) == ("fog", "snow", 5)
     assert untagged(tmp_path / "res") == ["imagenet_c-fog-fc-s0.json", "imagenet_c-snow-fc-s0.json"]
@@ -145,14 +150,17 @@ def test_imagenet_c_two_corruptions_and_the_1000_class_check(tmp_path):
 
 def test_wrong_arch_and_missing_folder_are_one_line(tmp_path, waterbirds):
     cifar_ckpt = str(tmp_path / "r26.pt")
-    M.save_checkpoint(cifar_ckpt, M.build_model("resnet26"), "resnet26", T.parse_args([]), {})
+    CK.save_checkpoint(cifar_ckpt, M.build_model("resnet26"), T.parse_args([]), {})
     with pytest.raises(SystemExit, match="needs a resnet50 source"):
-        FT.main(common(tmp_path, "--data", "waterbirds", "--waterbirds_dir", str(waterbirds / "wb"),
+        FT.main(common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"),
                        "--ckpt", cifar_ckpt))
-    with pytest.raises(SystemExit, match="metadata.csv is missing") as e:  # training the source finds it first
-        FT.main(common(tmp_path, "--data", "waterbirds", "--waterbirds_dir", str(tmp_path / "nowhere"),
-                       "--ckpt", str(tmp_path / "new.pt")))
+    with pytest.raises(SystemExit, match="metadata.csv is missing") as e:
+        T.main(["--data", "waterbirds", "--data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new.pt"),
+                "--device", "cpu", "--weights", "none"])
     assert "\n" not in str(e.value) and not (tmp_path / "new.pt").exists()
+    with pytest.raises(SystemExit, match="python train.py --data waterbirds --data_dir") as e:  # no silent training
+        FT.main(common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"),
+                       "--ckpt", str(tmp_path / "new.pt")))
     with pytest.raises(SystemExit, match="layer4"):
-        FT.parse_args(["--data", "cifar_c", "--tune", "layer4"])  # ResNet-26 has three blocks
-    assert data.FAMILY == tuple(d for d in FT.PROTOCOL if not d.startswith("cifar"))
+        P.parse_args(["--data", "cifar_c", "--tune", "layer4"])  # ResNet-26 has three blocks
+    assert family.FAMILY == tuple(d for d in P.PROTOCOL if not d.startswith("cifar"))

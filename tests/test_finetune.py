@@ -16,16 +16,20 @@ import model as M
 import rgn
 import train as T
 from tinydata import make_images, result_file, untagged
+import protocol as P
+import common as C
+import checkpoints as CK
+import family
 
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
-KEYS = {"data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
+KEYS = {"objective", "data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
         "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
         "test_avg_acc", "variant", "changed"}
 
 
 def tiny_args(*extra):
-    return FT.parse_args(["--epochs", "1", "--batch_size", "16", "--device", "cpu", *extra])
+    return P.parse_args(["--epochs", "1", "--batch_size", "16", "--device", "cpu", *extra])
 
 
 def tiny_splits(n_train=32, n_val=16, n_test=16):
@@ -44,9 +48,9 @@ def source():
 def tune(source, names, args, lr=1e-2, cache=True, l1_lambda=0.0):
     """One finetune() call as run() makes it; returns (tuned model, history entry, best state)."""
     k = M.first_stage(names) if cache else 0
-    splits = {s: (FT.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     net = copy.deepcopy(source)
-    h, best = FT.finetune(net, names, splits, lr, args, start=k, l1_lambda=l1_lambda, **QUIET)
+    h, best = FT.finetune(net, names, splits, lr, args, start=k, l1_lambda=l1_lambda)
     return net, h, best
 
 
@@ -72,8 +76,8 @@ def test_prefix_list_and_blocks_resolve():
     assert FT.tune_names(net, "layer1,fc") == M.resolve_tune(net, "layer1") + M.resolve_tune(net, "fc")
     assert M.first_stage(FT.tune_names(net, "layer2.0.,fc.")) == 2 and FT.tune_names(net, "none") == []
     assert len(FT.tune_names(net, "auto_rgn")) == len(list(net.parameters()))
-    assert FT.lr_grid(tiny_args(), FT.tune_names(net, "fc.")) == [1e-1, 1e-2, 1e-3]
-    assert FT.lr_grid(tiny_args(), FT.tune_names(net, "layer3,fc")) == [1e-3, 1e-4, 1e-5]
+    assert P.lr_grid(tiny_args(), FT.tune_names(net, "fc.")) == [1e-1, 1e-2, 1e-3]
+    assert P.lr_grid(tiny_args(), FT.tune_names(net, "layer3,fc")) == [1e-3, 1e-4, 1e-5]
 
 
 @pytest.mark.parametrize("spec", ["layer2", "fc"])
@@ -106,14 +110,14 @@ def test_kept_state_is_the_selected_epoch(source, monkeypatch):
         return {**m, "acc": next(vals)} if split[0] is scripted.val else m
     names = FT.tune_names(source, "fc")
     k = M.first_stage(names)
-    splits = {s: (FT.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     scripted.val = splits["val"][0]
     monkeypatch.setattr(FT, "measure", scripted)
-    h, best = FT.finetune(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k, **QUIET)
+    h, best = FT.finetune(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k)
     assert [e["val_acc"] for e in h["epochs"]] == [90, 30, 50, 50, 40] and FT.select([h])["epoch"] == 2
     monkeypatch.undo()
     net = copy.deepcopy(source)
-    FT.finetune(net, names, splits, 1e-1, tiny_args("--epochs", "2"), start=k, **QUIET)
+    FT.finetune(net, names, splits, 1e-1, tiny_args("--epochs", "2"), start=k)
     assert all(torch.equal(best[n], p) for n, p in net.named_parameters() if n in names)
     assert not torch.equal(best["fc.weight"], source.fc.weight)
 
@@ -121,7 +125,7 @@ def test_kept_state_is_the_selected_epoch(source, monkeypatch):
 def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     # Two lrs with scripted val accuracies: lr 0.1 at epoch 1 wins (60). The clean accuracy must be measured on
     # that model, and the JSON must say so.
-    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), T.evaluate, FT.measure, []
+    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), C.evaluate, FT.measure, []
 
     def scripted_clean(model, x, y, batch_size=1000, start=0):  # the clean split: remember which head it saw
         clean_fc.append(model.fc.weight.detach().clone())
@@ -130,7 +134,7 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     def scripted_val(model, split, start=0):
         m = measure(model, split, start)
         return {**m, "acc": next(vals)} if len(split[0]) == 12 else m
-    monkeypatch.setattr(T, "evaluate", scripted_clean)
+    monkeypatch.setattr(C, "evaluate", scripted_clean)
     monkeypatch.setattr(FT, "measure", scripted_val)
     target, clean = tiny_splits(n_val=12), tiny_splits(n_train=0, n_val=0, n_test=20)["test"]
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
@@ -139,7 +143,7 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     assert json.loads(open(result_file(tmp_path, "cifar_c-clean-fc-s0.json")).read())["selected"] == res["selected"]
     monkeypatch.undo()
     net = copy.deepcopy(source)
-    FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"), **QUIET)
+    FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"))
     assert len(clean_fc) == 1 and torch.allclose(clean_fc[0], net.fc.weight, rtol=1e-5, atol=1e-7)
 
 
@@ -210,13 +214,14 @@ def test_end_to_end_corruptions_none(tiny, tmp_path, fake_corruptions, capsys):
     assert "mean over 2 corruptions" in capsys.readouterr().out
 
 
-def test_missing_checkpoint_is_trained_first(tiny, tmp_path, capsys):
+def test_missing_checkpoint_names_the_train_command(tiny, tmp_path):
+    """Source training takes minutes to hours: never started silently; the error line says what to run."""
     ckpt = str(tmp_path / "new" / "src.pt")
-    FT.main(ft_argv(tiny, tmp_path / "res", "--data", "cifar_flip", "--tune", "none", "--holdout", "60",
-                    "--source_args", "--epochs 1 --limit 20 --batch_size 20", ckpt=ckpt))
-    assert "no checkpoint at" in capsys.readouterr().out and os.path.isfile(ckpt)
-    assert M.load_checkpoint(ckpt)[1]["args"]["holdout"] == 60
-    assert untagged(tmp_path / "res") == ["cifar_flip-clean-none-s0.json"]
+    with pytest.raises(SystemExit) as e:
+        FT.main(ft_argv(tiny, tmp_path / "res", "--data", "cifar_flip", "--tune", "none", ckpt=ckpt))
+    msg = str(e.value.code)
+    assert msg.startswith("error: no checkpoint at") and f"python train.py --data cifar10 --out {ckpt}" in msg
+    assert "\n" not in msg and not os.path.exists(ckpt) and not glob.glob(str(tmp_path / "res" / "*.json"))
 
 
 @pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "auto_snr_pe", "l1"])
@@ -309,7 +314,7 @@ def test_auto_rgn_measures_at_the_epoch_start_weights(source):
         grads = torch.autograd.grad(F.cross_entropy(net(x), y), [ps[n] for n in names])
         sums += torch.tensor([(g.norm() / ps[n].norm()).item() for n, g in zip(names, grads)])
     want = dict(zip(names, (sums / sums.max()).tolist()))
-    h, _ = FT.finetune(copy.deepcopy(source), FT.tune_names(source, "auto_rgn"), splits, 1e-3, args, **QUIET)
+    h, _ = FT.finetune(copy.deepcopy(source), FT.tune_names(source, "auto_rgn"), splits, 1e-3, args)
     got = h["rgn"][0]
     for b, prefixes in M.BLOCKS["resnet26"].items():
         ms = [m for n, m in want.items() if n.startswith(prefixes)]

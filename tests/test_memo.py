@@ -8,9 +8,10 @@ import torch
 from PIL import Image, ImageOps
 
 import finetune as FT
-import memo
+import unsupervised as memo
 import model as M
 from tinydata import make_images, narrow_resnet26
+import protocol as P
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def source():
 
 
 def memo_args(*extra):
-    return FT.parse_args(["--objective", "memo", "--memo_copies", "4", "--device", "cpu", *extra])
+    return P.parse_args(["--objective", "memo", "--memo_copies", "4", "--device", "cpu", *extra])
 
 
 @pytest.mark.parametrize("spec", ["layer1", "fc", "layer1+layer2", "none"])
@@ -81,7 +82,7 @@ def test_each_image_is_predicted_after_its_own_step_from_the_source(source, imag
     names = FT.tune_names(source, spec)
     x = images[:5]
     net = copy.deepcopy(source)
-    preds, records = memo.adapt(net, names, x, args, log=lambda s: None, chunk=2)
+    preds, records = memo.memo(net, names, x, args, log=lambda s: None, chunk=2)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), source.parameters()))  # episodic: undone
     assert [r["n"] for r in records] == [2, 2, 1]
     # by hand: the same copies (same generator, same chunks), one SGD step on the named tensors, then predict
@@ -107,5 +108,5 @@ def test_each_image_is_predicted_after_its_own_step_from_the_source(source, imag
 def test_memo_needs_a_block_and_cifar_c():
     for bad in (["--tune", "auto_rgn"], ["--tune", "l1"], ["--data", "cifar_flip"], ["--memo_copies", "0"]):
         with pytest.raises(SystemExit) as e:
-            FT.parse_args(["--objective", "memo", *bad])
+            P.parse_args(["--objective", "memo", *bad])
         assert "--objective memo" in str(e.value.code)

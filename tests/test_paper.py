@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import model as M
+import protocol as P
+import checkpoints as CK
+import wrn
 
 
 @pytest.fixture
@@ -21,7 +24,7 @@ def fake_paper(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     torch.save({"err_cls": np.float64(0.0917), "err_ssh": 0, "net": state,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0]}]}}, path)
-    monkeypatch.setattr(M, "PAPER_CKPT_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(CK, "PAPER_CKPT_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     loads = []
     real_load = torch.load
 
@@ -39,7 +42,7 @@ def same_weights(a, b):
 
 def test_local_copy_loads_with_names_mapped(fake_paper):
     path, net = fake_paper
-    model, ckpt = M.load_checkpoint(str(path))
+    model, ckpt = CK.load_checkpoint(str(path))
     assert same_weights(model, net) and ckpt["arch"] == "resnet26" and ckpt["args"]["holdout"] == 0
     assert ckpt["metrics"]["test_acc"] == 90.83
 
@@ -55,19 +58,19 @@ def test_paper_downloads_once_into_the_hub_cache(fake_paper, tmp_path, monkeypat
             f.write(path.read_bytes())
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     for _ in range(2):
-        model, _ = M.load_checkpoint("paper")
+        model, _ = CK.load_checkpoint("paper")
         assert same_weights(model, net)
-    assert got == [M.PAPER_CKPT_URL]  # the second use reads the cache
+    assert got == [CK.PAPER_CKPT_URL]  # the second use reads the cache
 
 
 def test_wrong_checksum_is_refused_before_unpickling(fake_paper, monkeypatch):
     path, _ = fake_paper
-    monkeypatch.setattr(M, "PAPER_CKPT_SHA256", "0" * 64)
-    monkeypatch.setattr(M, "_unpickle_ttt", lambda *a: pytest.fail("unpickled a file of the wrong checksum"))
+    monkeypatch.setattr(CK, "PAPER_CKPT_SHA256", "0" * 64)
+    monkeypatch.setattr(CK, "_unpickle_paper", lambda *a: pytest.fail("unpickled a file of the wrong checksum"))
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(str(path))
+        CK.load_checkpoint(str(path))
     msg = str(e.value.code)
-    assert msg.startswith("error:") and "sha256" in msg and M.PAPER_CKPT_URL in msg and "\n" not in msg
+    assert msg.startswith("error:") and "sha256" in msg and CK.PAPER_CKPT_URL in msg and "\n" not in msg
 
 
 def test_offline_with_no_copy_says_what_to_do(tmp_path, monkeypatch):
@@ -77,7 +80,7 @@ def test_offline_with_no_copy_says_what_to_do(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint("paper")
+        CK.load_checkpoint("paper")
     msg = str(e.value.code)
     assert "could not download" in msg and "--ckpt" in msg and "\n" not in msg
     assert not os.listdir(tmp_path / "hub" / "checkpoints")  # nothing half-written
@@ -90,7 +93,7 @@ def test_broken_file_or_folder_is_one_line(fake_paper, tmp_path, what):
         path.write_bytes(path.read_bytes()[:5000])
     target = str(tmp_path) if what == "folder" else str(path)
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(target)
+        CK.load_checkpoint(target)
     msg = str(e.value.code)
     assert msg.startswith("error:") and "\n" not in msg and ("folder" in msg if what == "folder" else True)
 
@@ -117,22 +120,21 @@ def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
     import finetune as FT
     from tinydata import make_images
     torch.manual_seed(0)
-    small = M.WideResNet28(10, depth=10, width=1)  # one unit a block: same names, same code paths
+    small = wrn.WideResNet28(10, depth=10, width=1)  # one unit a block: same names, same code paths
     for m in small.modules():  # running statistics that are not the defaults, so a reset would show
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "Standard.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in small.state_dict().items()}}, path)
-    net, ckpt = M.load_checkpoint(str(path))
+    net, ckpt = CK.load_checkpoint(str(path))
     assert ckpt["arch"] == "wrn28_10" and same_weights(net, small)
     x, y = (torch.from_numpy(a) for a in make_images(48, seed=1))
     splits = {"train": (x[:32], 9 - y[:32]), "val": (x[32:40], 9 - y[32:40]), "test": (x[40:], 9 - y[40:])}
-    args = FT.parse_args(["--tune", "layer2", "--epochs", "1", "--batch_size", "16", "--device", "cpu"])
+    args = P.parse_args(["--tune", "layer2", "--epochs", "1", "--batch_size", "16", "--device", "cpu"])
     names = FT.tune_names(net, "layer2")
     k = FT.cache_stage(names, args, net.arch)
     assert k == 2  # conv1 and block1 computed once: exact, BatchNorm in eval mode
     before = {n: t.clone() for n, t in net.state_dict().items()}
-    FT.finetune(net, names, {s: (FT.prefix(net, a, k), b) for s, (a, b) in splits.items()}, 1e-2, args, start=k,
-                log=lambda s: None)
+    FT.finetune(net, names, {s: (M.prefix(net, a, k), b) for s, (a, b) in splits.items()}, 1e-2, args, start=k)
     for n, t in net.state_dict().items():  # block2's weights move; nothing else, running statistics included
         assert torch.equal(t, before[n]) != (n in names), n

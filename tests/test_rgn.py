@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import model as M
 from rgn import AutoRGN, block_multipliers, is_norm, norm_param_names, snr_scores, snr_select
+import common as C
 
 
 @pytest.fixture(autouse=True)

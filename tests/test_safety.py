@@ -19,6 +19,9 @@ import model as M
 import table
 import train as T
 from tinydata import write_cifar
+import protocol as P
+import common as C
+import checkpoints as CK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 (the resume test opts out)
@@ -58,13 +61,13 @@ def test_diverging_source_training_keeps_the_good_checkpoint(tiny, tmp_path):
 
 
 def test_a_nan_checkpoint_is_refused(tiny, tmp_path):
-    net, ckpt = M.load_checkpoint(tiny[1])
+    net, ckpt = CK.load_checkpoint(tiny[1])
     with torch.no_grad():
         net.fc.weight[0, 0] = math.nan
     bad = str(tmp_path / "nan.pt")
-    M.save_checkpoint(bad, net, "resnet26", T.parse_args([]), {})
+    CK.save_checkpoint(bad, net, T.parse_args([]), {})
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(bad)
+        CK.load_checkpoint(bad)
     assert "non-finite" in one_line(e) and "fc.weight" in str(e.value.code)
 
 
@@ -108,7 +111,7 @@ def test_train_epochs_0_and_a_bad_lr_are_errors():
 # 3. strict JSON and the table -------------------------------------------------------------------------------------
 
 def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
-    assert FT.strict({"a": math.nan, "b": [1.0, math.inf], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
+    assert C.tidy({"a": math.nan, "b": [1.0, math.inf], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
     good = {"data": "cifar_flip", "corruption": "clean", "tune": "fc", "seed": 0, "test_acc": 90.0, "val_acc": 1}
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text(json.dumps({**good, "tune": "all", "test_acc": math.nan}))  # bare NaN
@@ -213,30 +216,30 @@ def test_broken_cifar_files_are_one_line(tmp_path, damage):
 
 
 def test_checkpoint_errors_say_what_is_wrong(tiny, tmp_path):
-    net, _ = M.load_checkpoint(tiny[1])
+    net, _ = CK.load_checkpoint(tiny[1])
     ckpt = {"version": 7, "arch": "resnet26", "num_classes": 10, "state_dict": net.state_dict()}
     torch.save(ckpt, tmp_path / "v7.pt")
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(str(tmp_path / "v7.pt"))
+        CK.load_checkpoint(str(tmp_path / "v7.pt"))
     assert "version-7" in one_line(e) and "AssertionError" not in str(e.value.code)
     five = M.ResNet26(5, n=2, widths=(8, 8, 16))
-    M.save_checkpoint(str(tmp_path / "five.pt"), five, "resnet26", T.parse_args([]), {})
+    CK.save_checkpoint(str(tmp_path / "five.pt"), five, T.parse_args([]), {})
     with pytest.raises(SystemExit) as e:
         FT.main(ft(tiny, tmp_path / "res", "--tune", "fc") + ["--ckpt", str(tmp_path / "five.pt")])
     assert "5 outputs" in one_line(e)
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(str(tmp_path))
+        CK.load_checkpoint(str(tmp_path))
     assert "folder" in one_line(e)
 
 
 # 8. a quick run never stands in for a protocol run; 9. orphan temp files --------------------------------------------
 
 def test_quick_runs_get_their_own_file_name():
-    full, quick = FT.parse_args([]), FT.parse_args(["--epochs", "1"])
-    assert FT.result_path(full, "fog") == os.path.join("results", "cifar_c-fog-layer1-s0.json")
-    assert FT.result_path(quick, "fog") != FT.result_path(full, "fog")
-    same = FT.parse_args(["--cpu_bf16", "--device", "cpu", "--out_dir", "results"])  # no number changes
-    assert FT.result_path(same, "fog") == FT.result_path(full, "fog")
+    full, quick = P.parse_args([]), P.parse_args(["--epochs", "1"])
+    assert P.result_path(full, "fog") == os.path.join("results", "cifar_c-fog-layer1-s0.json")
+    assert P.result_path(quick, "fog") != P.result_path(full, "fog")
+    same = P.parse_args(["--cpu_bf16", "--device", "cpu", "--out_dir", "results"])  # no number changes
+    assert P.result_path(same, "fog") == P.result_path(full, "fog")
 
 
 def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
@@ -245,5 +248,5 @@ def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
                           text=True).stdout.strip()
     for pid in (dead, str(os.getppid())):
         (tmp_path / f"x.pt.tmp{pid}").write_text("half")
-    M.atomic_save({"a": 1}, path)
+    C.atomic_save({"a": 1}, path)
     assert sorted(os.listdir(tmp_path)) == ["x.pt", f"x.pt.tmp{os.getppid()}"]  # a live writer's stays

@@ -8,6 +8,7 @@ import torch
 import model as M
 import train
 from tinydata import write_cifar
+import checkpoints as CK
 
 
 def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):
@@ -19,9 +20,9 @@ def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):
     assert "epoch   2/2" in log and "img/s" in log and "ETA" in log
     assert os.listdir(out.parent) == ["src.pt"]  # no temp file left behind
     ckpt = torch.load(out, weights_only=True)  # plain types only
-    assert ckpt["version"] == M.CKPT_VERSION and ckpt["arch"] == "resnet26" and ckpt["args"]["epochs"] == 2
+    assert ckpt["version"] == CK.CKPT_VERSION and ckpt["arch"] == "resnet26" and ckpt["args"]["epochs"] == 2
     assert 0 <= ckpt["metrics"]["test_acc"] <= 100
-    loaded, _ = M.load_checkpoint(str(out))
+    loaded, _ = CK.load_checkpoint(str(out))
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(net.eval()(x), loaded.eval()(x))
@@ -33,18 +34,18 @@ def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path, content):
     path = tmp_path / "bad.pt"
     if content is None:  # a real checkpoint cut in half
-        M.save_checkpoint(str(path), M.build_model(), "resnet26", train.parse_args([]), {})
+        CK.save_checkpoint(str(path), M.build_model(), train.parse_args([]), {})
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        M.load_checkpoint(str(path))
+        CK.load_checkpoint(str(path))
     assert str(e.value).startswith("error:") and "\n" not in str(e.value) and "retrain" in str(e.value)
 
 
 def test_missing_checkpoint_names_the_command(tmp_path):
     with pytest.raises(SystemExit, match="python train.py"):
-        M.load_checkpoint(str(tmp_path / "none.pt"))
+        CK.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_bad_flag_exits_nonzero():
