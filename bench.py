@@ -1,27 +1,18 @@
 """
-Speed numbers for the README, one function per benchmark, on the current device.
+The speed numbers in the README, one function per benchmark, on the current device; random images unless
+--data_dir, so no data on disk is needed.
 
-    python bench.py                                    # every benchmark at the paper's sizes
-    python bench.py --what finetune                    # seconds per fine-tuning run, per --tune, prefix cache on/off
-    python bench.py --what finetune --train_n 200 --val_n 20 --test_n 180     # a quick look on a CPU
-    python bench.py --what finetune --data imagenet_c  # ResNet-50, 224 px: 5,000 train, 10,000 val + 10,000 test
-    python bench.py --what corruptions --threads 1 --data_dir ../shared/data/cifar10-sample   # CIFAR-10-C speed
+    python bench.py                                 # every benchmark at the paper's sizes
+    python bench.py --what finetune                 # seconds a run (one lr), per --tune, cache on / off
+    python bench.py --what finetune --train_n 200 --val_n 20 --test_n 180          # a quick look on a CPU
+    python bench.py --what finetune --data imagenet_c                 # ResNet-50 at ImageNet-C sizes
+    python bench.py --what corruptions --threads 1 --data_dir ../shared/data/cifar10-sample   # CIFAR-10-C
 
-finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) evaluated after every epoch
-and before the first, test (900) where val sets a record (finetune.py's rule; the timings below predate it, when test
-was scored every epoch); random uint8 images, so no data on disk. The prefix
-cache computes the frozen stages once (within --prefix_cache_gb); without it every step runs them. --data
-imagenet_c: the ImageNet-C sizes of PROTOCOL section 8 (10 epochs, 1000 classes), ResNet-50 at random init.
-Acceptance (CIFAR only): --tune fc with the cache at least 10x faster than --tune all. The quick look, on a shared
-2-core x86_64 CPU with OMP_NUM_THREADS=1, took 2.7 minutes: fc 1.1 s with the cache (14.2 s without) vs all 27.3 s,
-24x; layer3 7.8 s (17.9), layer2 14.3 s (20.2), layer1 23.4 s, auto_rgn 26.9 s. The full sizes take about 5x longer
-there (~13 minutes). --data imagenet_c cut to 128 / 128 / 128 images and 2 epochs on that CPU (OMP_NUM_THREADS=2):
-fc 37.6 s with the cache (95.7 s without), layer4 47.3 s (99.1 s), layer1 149.4 s, all 155.2 s; the full ImageNet-C
-size is a GPU job.
-
-corruptions: seconds to generate all 19 corruptions x 5 severities of --n_images test images (the sample's 1,017 with
---data_dir, else random images), after a small warm-up call each (which builds the cached blur/zoom operators).
-The reference generator takes 137 s for the sample's 5 x 1,017 images on one thread of these machines.
+finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) after every epoch and
+before the first, test (900) where val sets a record, as finetune.py runs it. The prefix cache computes the
+frozen stages once; without it every step runs them. corruptions: seconds for all 19 corruptions x 5
+severities of --n_images images, after a warm-up call each. Measured numbers, hardware and commands: README
+"Speed".
 """
 import argparse
 import copy
@@ -29,12 +20,11 @@ import time
 
 import torch
 
+import common as C
 import data
 import finetune as FT
 import model as M
-import train as T
 import protocol as P
-import common as C
 
 TUNES = {"cifar_c": "none,layer1,layer2,layer3,fc,all,auto_rgn", "imagenet_c": "layer1,layer4,fc,all"}
 # (train, val, test images, epochs, image size, classes) of one run
@@ -42,8 +32,8 @@ SIZES = {"cifar_c": (1000, 100, 900, 15, 32, 10), "imagenet_c": (5000, 10000, 10
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="all", choices=["all", "finetune", "corruptions"], help="which benchmark(s)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.Help)
+    p.add_argument("--what", default="all", choices=["all", "finetune", "corruptions"], help="the benchmarks")
     g = p.add_argument_group("finetune")
     g.add_argument("--data", default="cifar_c", choices=list(SIZES), help="sizes and network of the run")
     g.add_argument("--tunes", default="", help="comma list of --tune values to time (default per --data)")
@@ -79,9 +69,9 @@ def time_finetune(source, tune, splits, args, dev, cache):
     names = FT.tune_names(source, tune)
     _sync(dev)
     t0 = time.time()
-    k = FT.cache_stage(names, fargs, source.arch) if cache else 0
-    cached, starts = FT.cached_splits(source, splits, k, fargs)
-    FT.finetune(copy.deepcopy(source), names, cached, 1e-3, fargs, start=starts, log=lambda s: None)
+    k = C.cache_stage(names, fargs, source.arch) if cache else 0
+    cached, starts = C.cached_splits(source, splits, k, fargs)
+    FT.finetune(copy.deepcopy(source), names, cached, 1e-3, fargs, start=starts)
     _sync(dev)
     return time.time() - t0, k, names
 
@@ -89,29 +79,34 @@ def time_finetune(source, tune, splits, args, dev, cache):
 def bench_finetune(args, dev):
     """Table of seconds per fine-tuning run for every --tune, with and without the prefix cache."""
     torch.manual_seed(args.seed)
-    source = C.prepare(M.build_model(FT.arch_of(args.data), args.num_classes), dev).eval()
+    arch = "resnet26" if args.data == "cifar_c" else "resnet50"
+    source = C.prepare(M.build_model(arch, args.num_classes), dev).eval()
     g, px = torch.Generator().manual_seed(args.seed), args.image_size
     splits = {s: (torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g).to(dev),
                   torch.randint(0, args.num_classes, (n,), generator=g).to(dev))
               for s, n in (("train", args.train_n), ("val", args.val_n), ("test", args.test_n))}
     warm = {s: (x[:args.batch_size], y[:args.batch_size]) for s, (x, y) in splits.items()}
-    time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)  # warm-up
-    print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px (batch "
-          f"{args.batch_size}), val {args.val_n} evaluated {args.epochs + 1} times, test {args.test_n} at val records; "
-          f"{C.device_name(dev)}")
+    # warm up
+    time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)
+    print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px "
+          f"(batch {args.batch_size}), val {args.val_n} evaluated {args.epochs + 1} times, test "
+          f"{args.test_n} "
+          f"at val records; {C.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s} {'speedup':>8s}")
     rows = {}
     for tune in args.tunes.split(","):
         off, _, names = time_finetune(source, tune, splits, args, dev, cache=False)
-        k = FT.cache_stage(names, P.parse_args(["--data", args.data, "--tune", tune]), source.arch)
-        on = time_finetune(source, tune, splits, args, dev, cache=True)[0] if k else off  # k = 0: the same path
+        k = C.cache_stage(names, P.parse_args(["--data", args.data, "--tune", tune]), source.arch)
+        on = time_finetune(source, tune, splits, args, dev, cache=True)[0] if k else off  # k = 0: same path
         rows[tune] = {"off": off, "on": on, "stages": k}
         n = sum(p.numel() for nm, p in source.named_parameters() if nm in set(names))
         note = "" if k else "  (nothing to cache)"
         print(f"{tune:9s} {n:8,d} {k:7d} {off:9.2f}s {on:8.2f}s {off / on:7.1f}x{note}")
-    if args.data == "cifar_c" and "fc" in rows and "all" in rows:  # the CIFAR bar; ResNet-50's prefix is costlier
+    # the CIFAR bar (ResNet-50's prefix costs more)
+    if args.data == "cifar_c" and "fc" in rows and "all" in rows:
         r = rows["all"]["on"] / rows["fc"]["on"]
-        print(f"acceptance: fc {rows['fc']['on']:.2f}s vs all {rows['all']['on']:.2f}s with the cache = {r:.1f}x "
+        print(f"acceptance: fc {rows['fc']['on']:.2f}s vs all {rows['all']['on']:.2f}s with the cache = "
+              f"{r:.1f}x "
               f"({'PASS' if r >= 10 else 'FAIL'}: needs >= 10x)")
     return rows
 

@@ -1,8 +1,10 @@
 """
-What train.py, finetune.py and the rest share: the device and its precision, evaluation, and writing files so that
-a kill at any moment or a diverged run never leaves a broken or wrong file behind.
+What train.py, finetune.py and the rest share: the device and its precision, evaluation, and writing files so
+that a kill at any moment or a diverged run never leaves a broken or wrong file behind.
 """
+import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -11,12 +13,30 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from model import first_stage
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help in about 70 lines: short metavars, the default after each help where it is one value."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=110, max_help_position=30)
+
+    def _get_default_metavar_for_optional(self, action):
+        return "DIR" if action.dest.endswith("dir") else {int: "N", float: "X"}.get(action.type, "S")
+
+    # the default, where it is one value (per-data defaults say so themselves)
+    def _get_help_string(self, action):
+        h = action.help or ""
+        plain = action.default in (None, False, "", argparse.SUPPRESS) or "default" in h
+        return h if plain else h + " (default: %(default)s)"
+
+
 CPU_BF16 = False  # bf16 autocast on the CPU too (--cpu_bf16): set once by get_device, read by autocast
 
 
 def get_device(name="auto", cpu_bf16=False):
-    """Resolve --device once; the CUDA-only speedups (TF32, bf16 autocast, channels_last) are switched on here.
-    cpu_bf16: bf16 autocast on the CPU as well (1.5x faster with AMX / AVX512-BF16, slower without)."""
+    """Resolve --device once; the CUDA-only speedups (TF32, bf16 autocast, channels_last) are switched on
+    here. cpu_bf16: bf16 autocast on the CPU as well (1.5x faster with AMX / AVX512-BF16, slower without)."""
     global CPU_BF16
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu or auto")
@@ -47,7 +67,8 @@ def prepare(model, dev):
     return model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
 
 
-# evaluation batches of 256: 2.6x faster than 1000 on a 2-core CPU (cache-sized activations), no slower on a GPU
+# evaluation batches of 256: 2.6x faster than 1000 on a 2-core CPU (cache-sized activations), no slower on a
+# GPU
 @torch.no_grad()
 def hits(model, x, y, batch_size=256, start=0):
     """(bool per image: predicted right, mean loss) of model in eval mode on a split already on its device
@@ -68,12 +89,65 @@ def evaluate(model, x, y, batch_size=256, start=0):
     return 100.0 * hit.sum().item() / max(len(x), 1), loss
 
 
+@torch.no_grad()
+def measure(model, split, start=0):
+    """{"acc", "loss"} of a split (x, y) or (x, y, groups). With groups (waterbirds, celeba) acc is the worst
+    group's accuracy (the paper's metric there), "avg_acc" the mean of the group accuracies, "group_acc" each
+    (ids ascending)."""
+    x, y, g = (*split, None)[:3]
+    hit, loss = hits(model, x, y, start=start)
+    if g is None:
+        return {"acc": hit.float().mean().item() * 100, "loss": loss}
+    acc = [hit[g == k].float().mean().item() * 100 for k in g.unique().tolist()]
+    return {"acc": min(acc), "loss": loss, "avg_acc": sum(acc) / len(acc), "group_acc": acc}
+
+
+# -----------------------------------------------------------------------------
+# the prefix cache: stages before the first tuned one are frozen, so their output is computed once per split
+
+@torch.no_grad()
+def prefix(model, x, stop, chunk=256):
+    """Output of the frozen stages [0, stop) for a whole split, once: eval mode, no grad, in chunks. Exact
+    because those stages keep no batch-dependent state (GroupNorm; BatchNorm in eval mode) and nothing is
+    augmented."""
+    if stop == 0:
+        return x
+    model.eval()
+    with autocast(x.device):
+        return torch.cat([model(xb, start=0, stop=stop) for xb in x.split(chunk)])
+
+
+def cached_splits(source, target, k, args, log=print):
+    """({split: (stage-k activations or the images, y[, groups])}, {split: its start stage}): the frozen
+    stages run once per split, train, val, test in turn while --prefix_cache_gb lasts (a ResNet-50 layer1
+    output is 1.6 MB an image in bf16)."""
+    budget, out, starts = args.prefix_cache_gb * 2 ** 30, {}, {}
+    for s, (x, *rest) in target.items():
+        one = prefix(source, x[:1], k)
+        need = one.numel() * one.element_size() * len(x)
+        starts[s] = k if k and need <= budget else 0
+        budget -= need if starts[s] else 0
+        out[s] = (prefix(source, x, starts[s]), *rest)
+    if k and min(starts.values()) == 0:
+        log(f"prefix cache: {', '.join(s for s in starts if not starts[s])} over --prefix_cache_gb "
+            f"{args.prefix_cache_gb:g}: run whole every epoch")
+    return out, starts
+
+
+def cache_stage(names, args, arch):
+    """Stages frozen and computed once: those before the first tuned one (0: none; BatchNorm in train mode
+    makes their output depend on the batch; tune none evaluates once anyway)."""
+    bn_train = args.bn == "train" and arch != "resnet26"  # the others have BatchNorm
+    return 0 if not args.prefix_cache_gb or not names or bn_train else first_stage(names, arch)
+
+
 def finite(loss, where, advice):
     """loss.item(), or one line and exit when it is NaN or infinite. Checked before backward(), so the weights
     never take a NaN step and a diverged run writes nothing (no result, no checkpoint)."""
     v = loss.item()
     if not math.isfinite(v):
-        raise SystemExit(f"error: the loss is {v} at {where}: the run diverged; nothing was written. {advice}")
+        raise SystemExit(f"error: the loss is {v} at {where}: the run diverged; nothing was written. "
+                         f"{advice}")
     return v
 
 
@@ -98,8 +172,8 @@ def check_writable(path, flag):
 
 
 def atomic_save(obj, path, write=torch.save):
-    """write(obj, temp file), then rename: a reader (or a kill -9) sees the old file or the new one, never half of
-    one. Temp files that killed writers left next to path are removed."""
+    """write(obj, temp file), then rename: a reader (or a kill -9) sees the old file or the new one, never
+    half of one. Temp files that killed writers left next to path are removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     write(obj, tmp)
@@ -129,7 +203,8 @@ def _alive(pid):
 
 
 def tidy(v):
-    """A result for JSON: floats to 6 significant digits (31.999999284744263 -> 32.0), NaN / infinity as null."""
+    """A result for JSON: floats to 6 significant digits (31.999999284744263 -> 32.0), NaN / infinity as
+    null."""
     if isinstance(v, float):
         return float(f"{v:.6g}") if math.isfinite(v) else None
     if isinstance(v, dict):
@@ -140,7 +215,8 @@ def tidy(v):
 
 
 def dumps(v, indent=""):
-    """JSON with one line per leaf dict or list of numbers (one line per epoch), nested containers indented."""
+    """JSON with one line per leaf dict or list of numbers (one line per epoch), nested containers
+    indented."""
     nested = isinstance(v, (dict, list)) and any(isinstance(x, (dict, list)) and x
                                                  for x in (v.values() if isinstance(v, dict) else v))
     if not nested:
@@ -161,3 +237,53 @@ def write_json(obj, path):
             f.write(dumps(o) + "\n")
     atomic_save(obj, path, write)
     return obj
+
+
+# -----------------------------------------------------------------------------
+# caches: decoded and generated tensors, written once with a checksum
+
+def _digest(obj):
+    """sha1 of every tensor's bytes in obj (a tensor, or dicts / tuples of them), in order, without copies."""
+    h = hashlib.sha1()
+    stack = [obj]
+    while stack:
+        o = stack.pop(0)
+        if isinstance(o, torch.Tensor):
+            h.update(o.contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            stack = list(o.values()) + stack
+        elif isinstance(o, (list, tuple)):
+            stack = list(o) + stack
+    return h.hexdigest()
+
+
+def save_cache(obj, path):
+    """obj with its checksum, atomically (atomic_save): a cache that changes on disk is caught on
+    load."""
+    atomic_save({"sha1": _digest(obj), "data": obj}, path)
+
+
+def load_cache(path):
+    """A cache file's content, or None (then the caller rebuilds it) when it is missing, unreadable or its
+    bytes no longer match the checksum written with it."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        c = torch.load(path, weights_only=True)
+        if c["sha1"] == _digest(c["data"]):
+            return c["data"]
+    except Exception:
+        pass
+    print(f"note: the cache {path} is unreadable or fails its checksum; rebuilding it")
+    return None
+
+
+def file_digest(paths):
+    """sha1 of the files' contents: a cache keyed by it follows any change to them, whatever their times
+    say."""
+    h = hashlib.sha1()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -1,14 +1,15 @@
 """
 The 19 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) as batched torch ops on any device.
 
-Each corruption is f(x, s, g): x float (N,3,32,32) in [0,1], s the severity 1..5, g a torch.Generator on x.device
-(the only source of randomness). It returns a float batch on the [0,1] scale, which data.corrupt clamps and
-truncates to uint8 like the reference's np.uint8, or a final uint8 batch (jpeg, pixelate, glass severity 1).
-Parameters and behaviour follow the reference generator's CIFAR settings; how close we are is measured by
-check_corruptions.py (README). Where we differ from it, a comment says so.
+Each corruption is f(x, s, g): x float (N,3,32,32) in [0,1], s the severity 1..5, g a torch.Generator on
+x.device (the only source of randomness). It returns a float batch on the [0,1] scale, which data.corrupt
+clamps and truncates to uint8 like the reference's np.uint8, or a final uint8 batch (jpeg, pixelate, glass
+severity 1). Parameters and behaviour follow the reference generator's CIFAR settings; how close we are is
+measured by check_corruptions.py (README). Where we differ from it, a comment says so.
 
-Frost: the reference crops photographs of frost that cannot be shipped; we draw a procedural texture with their
-statistics. To use the photographs instead: corruptions.FROST_PHOTOS = corruptions.load_frost_photos(folder).
+Frost: the reference crops photographs of frost that cannot be shipped; we draw a procedural texture with
+their statistics. To use the photographs instead: corruptions.FROST_PHOTOS =
+corruptions.load_frost_photos(folder).
 """
 import functools
 import math
@@ -24,7 +25,8 @@ IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)
 SPECKLE_NOISE = (0.06, 0.10, 0.12, 0.16, 0.20)
 GAUSSIAN_BLUR = (0.4, 0.6, 0.7, 0.8, 1.0)
 DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # (disk radius, anti-alias sigma)
-GLASS_BLUR = ((0.05, 1), (0.25, 1), (0.4, 1), (0.25, 2), (0.4, 2))  # (sigma, iterations); max_delta is always 1
+# (sigma, iterations); max_delta is always 1
+GLASS_BLUR = ((0.05, 1), (0.25, 1), (0.4, 1), (0.25, 2), (0.4, 2))
 ZOOM_BLUR = (1.06, 1.11, 1.16, 1.21, 1.26)  # zmax of numpy.arange(1, zmax, 0.01)
 BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
 CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
@@ -33,14 +35,17 @@ JPEG_COMPRESSION = (80, 65, 58, 50, 40)
 PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
 MOTION = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # (radius, sigma)
 SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))  # (loc, scale, zoom, thr, r, s, k)
+        # (loc, scale, zoom, thr, r, s, k)
+        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
 FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # (image weight, frost weight) on 0..255
 FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # (plasma weight, wibble decay)
 SPATTER = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
-           (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1))  # (loc, scale, sigma, thr, intensity, mud)
-ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))  # x image size
-# procedural frost: the reference's four photo textures (the 2nd drawn twice as often): mean RGB, share of fine
-# speckle in the texture, sparkle probability (bright dots), dark-crystal amount (dark patches)
+           # (loc, scale, sigma, thr, intensity, mud)
+           (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1))
+# x image size
+ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
+# procedural frost: the reference's four photo textures (the 2nd drawn twice as often): mean RGB, share of
+# fine speckle in the texture, sparkle probability (bright dots), dark-crystal amount (dark patches)
 FROST_TEX = (((77, 149, 166), 0.5, 0.0, 0.0), ((201, 205, 215), 0.7, 0.0, 0.0),
              ((138, 153, 166), 0.7, 0.03, 0.0), ((112, 123, 135), 0.5, 0.0, 1.0))
 FROST_PHOTOS = None  # set to load_frost_photos(folder) to crop the reference's photographs instead
@@ -107,8 +112,9 @@ def gaussian_blur(x, s, g):
 
 
 def _defocus_terms(r, a):
-    # disk of radius r on a 5x5 grid (radius <= 1.5 fits in 3x3), normalised, then cv2's 3x3 Gaussian of sigma a.
-    # The kernel is symmetric, so K = sum_i l_i u_i u_i^T with rank 1 or 2: each term is two banded matmuls.
+    # disk of radius r on a 5x5 grid (radius <= 1.5 fits in 3x3), normalised, then cv2's 3x3 Gaussian of sigma
+    # a. The kernel is symmetric, so K = sum_i l_i u_i u_i^T with rank 1 or 2: each term is two banded
+    # matmuls.
     t = torch.arange(-2, 3, dtype=torch.float64)
     disk = (t[:, None] ** 2 + t ** 2 <= r * r).double()
     aa = torch.exp(-t[1:4] ** 2 / (2 * a * a))
@@ -130,8 +136,8 @@ def glass_blur(x, s, g):
     sigma, iters = GLASS_BLUR[s - 1]
     n, dt = x.shape[0], x.dtype
     x = (_gauss_blur(x, sigma) * 255).to(torch.uint8)  # the reference stores this step as uint8 (truncated)
-    # The reference's scan copies x[h, w] <- x[h+dy, w+dx] (dy, dx in {-1, 0}) for h, w = 31..2; every source is
-    # still unvisited, so one iteration is one parallel gather; iterations compose into a single index map.
+    # The reference's scan copies x[h, w] <- x[h+dy, w+dx] (dy, dx in {-1, 0}) for h, w = 31..2; every source
+    # is still unvisited, so one iteration is one parallel gather; iterations compose into a single index map.
     pos = torch.arange(1024, device=x.device).expand(n, 1024)
     idx = pos
     for _ in range(iters):
@@ -144,8 +150,9 @@ def glass_blur(x, s, g):
 
 
 def _zoom_axis(z, n=32):
-    # scipy.ndimage.zoom(order=1) of the centre crop ch = ceil(n/z) to out = round(ch*z) pixels samples the crop
-    # at o*(ch-1)/(out-1) (align corners); the reference then keeps outputs (out-n)//2 ... onwards: (n, n) matrix
+    # scipy.ndimage.zoom(order=1) of the centre crop ch = ceil(n/z) to out = round(ch*z) pixels samples the
+    # crop at o*(ch-1)/(out-1) (align corners); the reference then keeps outputs (out-n)//2 ... onwards: (n,
+    # n) matrix
     ch = math.ceil(n / z)
     out = int(round(ch * z))
     pos = (torch.arange(n, dtype=torch.float64) + (out - n) // 2) * ((ch - 1) / (out - 1))
@@ -159,7 +166,8 @@ def _zoom_axis(z, n=32):
 def _zoom_operator(s, device):
     # (x + sum_z A_z X A_z^T) / (1 + count) is one linear map of the 1024 pixels of a channel: the sum of
     # Kronecker products kron(A_z, A_z) (row-major vec). One dense 1024x1024 GEMM beats per-z matmuls on CPU.
-    zs = np.arange(1, ZOOM_BLUR[s - 1], 0.01)  # numpy's float steps decide the count (7/12/16/21/26) and values
+    # numpy's float steps decide the count (7/12/16/21/26) and values
+    zs = np.arange(1, ZOOM_BLUR[s - 1], 0.01)
     m = torch.eye(1024, dtype=torch.float64)
     for z in zs:
         a = _zoom_axis(z)
@@ -184,33 +192,36 @@ def contrast(x, s, g):
 
 
 def saturate(x, s, g):
-    # HSV S <- clip(S*a + b): rgb = V (1 - S f) with f = (V - rgb)/(V - min) fixed by the hue. Grey pixels have
-    # hue 0 (red) in skimage, f = (0, 1, 1), so with b > 0 they turn reddish like the reference's.
+    # HSV S <- clip(S*a + b): rgb = V (1 - S f) with f = (V - rgb)/(V - min) fixed by the hue. Grey pixels
+    # have hue 0 (red) in skimage, f = (0, 1, 1), so with b > 0 they turn reddish like the reference's.
     a, b = SATURATE[s - 1]
     v, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     d = v - mn
     sat = torch.where(v > 0, d / v.clamp_min(1e-12), 0.0)
-    f = torch.where(d > 0, (v - x) / d.clamp_min(1e-12), torch.tensor([0.0, 1, 1], device=x.device).view(1, 3, 1, 1))
+    grey = torch.tensor([0.0, 1, 1], device=x.device).view(1, 3, 1, 1)
+    f = torch.where(d > 0, (v - x) / d.clamp_min(1e-12), grey)
     return v * (1 - (sat * a + b).clamp(0, 1) * f)
 
 
 def jpeg_compression(x, s, g):
-    # torchvision's CPU libjpeg (baseline, 4:2:0, standard tables) is bit-identical to the reference's PIL; the
-    # codec is kept on the CPU on every device (nvjpeg rounds differently) and takes the batch as a list
+    # torchvision's CPU libjpeg (baseline, 4:2:0, standard tables) is bit-identical to the reference's PIL;
+    # the codec is kept on the CPU on every device (nvjpeg rounds differently) and takes the batch as a list
     from torchvision.io import decode_jpeg, encode_jpeg  # imported here: torchvision takes seconds to import
     u8 = (x * 255 + 0.5).clamp(0, 255).to("cpu", torch.uint8)
     return torch.stack(decode_jpeg(encode_jpeg(list(u8), quality=JPEG_COMPRESSION[s - 1]))).to(x.device)
 
 
 def _pil_box(n_in, n_out):
-    # PIL's BOX resampling coefficients (Resample.c precompute_coeffs) in its 22-bit fixed point, (n_out, n_in)
+    # PIL's BOX resampling coefficients (Resample.c precompute_coeffs) in its 22-bit fixed point, (n_out,
+    # n_in)
     scale = n_in / n_out
     fs = max(scale, 1.0)
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
     for o in range(n_out):
         c = (o + 0.5) * scale
         lo, hi = max(int(c - 0.5 * fs + 0.5), 0), min(int(c + 0.5 * fs + 0.5), n_in)
-        w = torch.tensor([float(-0.5 < (i - c + 0.5) / fs <= 0.5) for i in range(lo, hi)], dtype=torch.float64)
+        w = torch.tensor([float(-0.5 < (i - c + 0.5) / fs <= 0.5) for i in range(lo, hi)],
+                         dtype=torch.float64)
         m[o, lo:hi] = torch.floor(w / w.sum() * 2 ** 22 + 0.5)
     return m / 2 ** 22
 
@@ -219,8 +230,9 @@ PIXELATE_OPS = [(_pil_box(32, int(32 * c)), _pil_box(int(32 * c), 32)) for c in 
 
 
 def pixelate(x, s, g):
-    # PIL resizes horizontally then vertically, rounding half up to uint8 after each pass. Scales here are < 2, so
-    # a box holds 1 or 2 pixels, the weights are 1 or 1/2 and float32 sums are exact: bit-identical to PIL.
+    # PIL resizes horizontally then vertically, rounding half up to uint8 after each pass. Scales here are <
+    # 2, so a box holds 1 or 2 pixels, the weights are 1 or 1/2 and float32 sums are exact: bit-identical to
+    # PIL.
     down, up = (m.to(x.device, torch.float32) for m in PIXELATE_OPS[s - 1])
     y = (x.float() * 255).round()
     for m in (down, up):
@@ -236,7 +248,8 @@ def _u(g, *shape, lo=-1.0, hi=1.0, dev="cpu"):  # U(lo, hi) from the generator
 
 
 def _motion_blur(x, radius, sigma, angle_deg):
-    """ImageMagick MotionBlurImage: one-sided Gaussian of w = 2 ceil(radius) + 1 taps along the angle, per image."""
+    """ImageMagick MotionBlurImage: one-sided Gaussian of w = 2 ceil(radius) + 1 taps along the angle, per
+    image."""
     n, c, h, w = x.shape
     taps = 2 * math.ceil(radius) + 1
     wt = [math.exp(-i * i / (2 * sigma * sigma)) for i in range(taps)]
@@ -246,7 +259,8 @@ def _motion_blur(x, radius, sigma, angle_deg):
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     flat, out = x.reshape(n, c, h * w), torch.zeros(n, c, h * w, device=x.device, dtype=x.dtype)
     for t in range(taps):  # tap t reads the pixel shifted by (oy, ox), edge pixels replicated
-        if wt[t] < 1e-6 * wt[0]:  # far tail: moves outputs by < 1e-3 of an 8-bit level, yet costs a full gather
+        # far tail: moves outputs by < 1e-3 of an 8-bit level, yet costs a full gather
+        if wt[t] < 1e-6 * wt[0]:
             continue
         rows, cols = (ar_h + oy[:, t:t + 1]).clamp(0, h - 1), (ar_w + ox[:, t:t + 1]).clamp(0, w - 1)
         idx = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
@@ -274,8 +288,9 @@ def snow(x, s, g):
 
 
 def load_frost_photos(folder):
-    """The reference's frost photographs, downscaled to 20% like cv2.resize(fx=fy=0.2) (bilinear, no antialias),
-    as (3,H,W) float 0..255 tensors. The reference draws randint(5), so frost6.jpg is never used and not loaded."""
+    """The reference's frost photographs, downscaled to 20% like cv2.resize(fx=fy=0.2) (bilinear, no
+    antialias), as (3,H,W) float 0..255 tensors. The reference draws randint(5), so frost6.jpg is never used
+    and not loaded."""
     from torchvision.io import ImageReadMode, read_image
     names = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
     ims = [read_image(os.path.join(folder, f), ImageReadMode.RGB).float()[None] for f in names]
@@ -284,7 +299,8 @@ def load_frost_photos(folder):
 
 
 def _frost_crops(n, g, dev, photos):  # a random 32x32 crop of one of the five photos per image
-    idx, out = torch.randint(0, len(photos), (n,), generator=g, device=dev), torch.zeros(n, 3, 32, 32, device=dev)
+    idx = torch.randint(0, len(photos), (n,), generator=g, device=dev)
+    out = torch.zeros(n, 3, 32, 32, device=dev)
     ar = torch.arange(32, device=dev)
     for j, p in enumerate(photos):  # loop over photos, not images: each photo has its own size
         y0 = (torch.rand(n, generator=g, device=dev) * (p.shape[1] - 32)).long()[:, None]
@@ -331,7 +347,8 @@ def _plasma(n, decay, g, dev, size=32):
         sq = c + c.roll(-1, 1)
         m[:, h::step, h::step] = noisy(sq + sq.roll(-1, 2))  # squares: centre = mean of its 4 corners
         dr, ul = m[:, h::step, h::step], m[:, ::step, ::step]
-        m[:, ::step, h::step] = noisy(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))  # diamonds: 2 corners, 2 centres
+        # diamonds: 2 corners, 2 centres
+        m[:, ::step, h::step] = noisy(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
         m[:, h::step, ::step] = noisy(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
         step, wib = h, wib / decay
     m = m - m.amin((1, 2), keepdim=True)
@@ -345,7 +362,8 @@ def fog(x, s, g):
 
 
 def _corr3(v, k, pad_mode):
-    """3x3 correlation (as cv2.filter2D) of (N,1,H,W) with a nested-list kernel, as a sum of shifted slices."""
+    """3x3 correlation (as cv2.filter2D) of (N,1,H,W) with a nested-list kernel, as a sum of shifted
+    slices."""
     h, w = v.shape[2:]
     p = F.pad(v, (1, 1, 1, 1), mode=pad_mode)
     return sum(k[i][j] * p[..., i:i + h, j:j + w] for i in range(3) for j in range(3) if k[i][j])
@@ -353,7 +371,8 @@ def _corr3(v, k, pad_mode):
 
 def _canny(v, lo, hi):
     """cv2.Canny(v, lo, hi) on integer-valued (N,1,H,W): Sobel (replicate), L1 magnitude, OpenCV's non-maximum
-    suppression and tie rules, hysteresis by 8-connected growth from the strong pixels. Returns bool (N,1,H,W)."""
+    suppression and tie rules, hysteresis by 8-connected growth from the strong pixels. Returns bool
+    (N,1,H,W)."""
     gx = _corr3(v, [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], "replicate")
     gy = _corr3(v, [[-1, -2, -1], [0, 0, 0], [1, 2, 1]], "replicate")
     ax, ay = gx.abs(), gy.abs()
@@ -367,17 +386,20 @@ def _canny(v, lo, hi):
                                                (mag > nb(-1, 1)) & (mag > nb(1, -1)))))
     weak = keep & (mag > lo)
     edge = weak & (mag > hi)
-    while True:  # hysteresis: weak pixels touching an edge pixel join (3x3 dilation by slices: fast on the CPU)
+    # hysteresis: weak pixels touching an edge pixel join (3x3 dilation by slices: fast on the CPU)
+    while True:
         p = F.pad(edge, (1, 1, 1, 1))
-        grown = weak & torch.stack([p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]).any(0) | edge
+        grown = weak & torch.stack([p[..., i:i + h, j:j + w] for i in range(3)
+                                    for j in range(3)]).any(0) | edge
         if torch.equal(grown, edge):
             return edge
         edge = grown
 
 
 def _edge_distance(e, cap=20):
-    """min(cap, Euclidean distance to the nearest True pixel) of bool (N,H,W), exact: distance along each column
-    by running max/min of edge rows, then the min over horizontal offsets |dx| <= cap of dx^2 + column^2."""
+    """min(cap, Euclidean distance to the nearest True pixel) of bool (N,H,W), exact: distance along each
+    column by running max/min of edge rows, then the min over horizontal offsets |dx| <= cap of dx^2 +
+    column^2."""
     h, w, big = e.shape[1], e.shape[2], 4 * cap * cap
     i = torch.arange(h, device=e.device).view(1, h, 1).expand_as(e)
     above = torch.where(e, i, -big).cummax(1).values
@@ -393,10 +415,11 @@ def _equalize(v):
     """cv2.equalizeHist per image on integer-valued (N,1,H,W) 0..255."""
     n = v.shape[0]
     flat = v.reshape(n, -1).long()
-    hist = torch.zeros(n, 256, device=v.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float))
+    hist = torch.zeros(n, 256, device=v.device).scatter_add_(1, flat, torch.ones(flat.shape, device=v.device))
     hmin, tot = hist.gather(1, flat.amin(1, keepdim=True)), flat.shape[1]  # count of the darkest value
     lut = ((hist.cumsum(1) - hmin) * 255 / (tot - hmin).clamp(min=1)).round().clamp(0, 255)
-    lut = torch.where(hmin == tot, torch.arange(256, device=v.device, dtype=torch.float), lut)  # flat image: as is
+    # flat image: as is
+    lut = torch.where(hmin == tot, torch.arange(256, device=v.device, dtype=torch.float), lut)
     return lut.gather(1, flat).view_as(v)
 
 
@@ -436,17 +459,18 @@ def elastic_transform(x, s, g):
                       dtype=torch.float64)
     m = torch.eye(3, device=dev, dtype=torch.float64).repeat(n, 1, 1)
     m[:, :2] = (p1[:2].T + _u(g, n, 3, 2, dev=dev).double() * a).transpose(1, 2) @ torch.linalg.inv(p1)
-    sn = torch.tensor([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1], [0, 0, 1]], device=dev, dtype=torch.float64)
+    sn = torch.tensor([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1], [0, 0, 1]], device=dev,
+                      dtype=torch.float64)
     theta = (sn @ torch.linalg.inv(m) @ torch.linalg.inv(sn))[:, :2].float()  # M^-1 in grid coordinates
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
     if amp == 0:
         return x
     # then displace every pixel by a smoothed random field (dx, dy), sampled bilinearly with scipy 'reflect'
-    # (half-sample symmetric about the image edge: grid_sample's reflection with align_corners=False). Kept as a
-    # second resampling, not composed into one grid: the reference interpolates twice, and its blur shows
-    # (one composed grid gives hf_ratio 0.75-0.90 at severities 2-5 against the reference's 0.62-0.73).
-    # The reference smooths with truncate=3, we with 4: the extra tail holds < 0.3% of the kernel.
+    # (half-sample symmetric about the image edge: grid_sample's reflection with align_corners=False). Kept as
+    # a second resampling, not composed into one grid: the reference interpolates twice, and its blur shows
+    # (one composed grid gives hf_ratio 0.75-0.90 at severities 2-5 against the reference's 0.62-0.73). The
+    # reference smooths with truncate=3, we with 4: the extra tail holds < 0.3% of the kernel.
     d = _gauss_blur(_u(g, n, 2, h, w, dev=dev), sig, "reflect") * amp
     yy, xx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
     grid = (torch.stack([xx + d[:, 0], yy + d[:, 1]], -1) + 0.5) / d.new_tensor([w, h]) * 2 - 1
@@ -457,5 +481,6 @@ CORRUPTIONS = {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impu
                "speckle_noise": speckle_noise, "gaussian_blur": gaussian_blur, "defocus_blur": defocus_blur,
                "glass_blur": glass_blur, "motion_blur": motion_blur, "zoom_blur": zoom_blur, "snow": snow,
                "frost": frost, "fog": fog, "spatter": spatter, "brightness": brightness, "contrast": contrast,
-               "saturate": saturate, "elastic_transform": elastic_transform, "jpeg_compression": jpeg_compression,
+               "saturate": saturate, "elastic_transform": elastic_transform,
+               "jpeg_compression": jpeg_compression,
                "pixelate": pixelate}

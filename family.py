@@ -1,8 +1,7 @@
 """
-The ImageNet family of the paper (PROTOCOL section 8), read from the user's folders in their standard layouts into
-uint8 (N,3,size,size) tensors for ResNet-50 (normalised inside the model): ImageNet-C, Living-17 and Entity-30
-(BREEDS), Waterbirds, CelebA. Target splits depend on labels, groups and seed only. Each dataset's folder is
-finetune.py's / train.py's --data_dir (living17 / entity30: ImageNet, plus --breeds_dir); README "The ImageNet family".
+The paper's ImageNet family (PROTOCOL section 8): ImageNet-C, Living-17 and Entity-30 (BREEDS), Waterbirds,
+CelebA, read from the user's folders (--data_dir; README "The ImageNet family") into uint8 (N,3,size,size)
+tensors.
 """
 import csv
 import hashlib
@@ -14,23 +13,24 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data import STANDARD15, _load_cache, _parse_names, _save_cache, per_class_split, target_split
+from common import load_cache, save_cache
+from data import STANDARD15, _parse_names, per_class_split, target_split
 
 IMAGENET_C15 = STANDARD15  # ImageNet-C has the same 15 standard types
 IMAGENET_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # the release's 4 extra folders
 FAMILY = ("imagenet_c", "living17", "entity30", "waterbirds", "celeba")
-# imagenet_c: the release's 1000 wnid folders. The loaders return the count they find (fewer in a partial copy)
-NUM_CLASSES = {"imagenet_c": 1000, "living17": 17, "entity30": 30, "waterbirds": 2, "celeba": 2}
 CACHE_MAX_BYTES = 2 << 30  # bigger sets are decoded again each time: decoding is fast, disk is not free
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 # BREEDS (Santurkar et al. 2021) as the robustness library builds them: superclasses at this level below the
-# WordNet root n00001740, inside this subtree (None: all), with this many subclasses (half source, half target)
+# WordNet root n00001740, inside this subtree (None: all), with this many subclasses (half source, half
+# target)
 BREEDS = {"living17": (5, "n00004258", 4), "entity30": (4, None, 8)}
 BREEDS_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
 
 
 def _read_image(path, size):
-    """uint8 (3,size,size) by the standard ImageNet eval transform: shorter side to size*256/224, center crop."""
+    """uint8 (3,size,size) by the standard ImageNet eval transform: shorter side to size*256/224, center
+    crop."""
     from torchvision.io import ImageReadMode, decode_image, read_file
     from torchvision.transforms.v2 import functional as F
     try:
@@ -45,18 +45,19 @@ def _read_image(path, size):
 
 def read_images(paths, size=224, cache_dir=None, threads=8):
     """uint8 (N,3,size,size), decoded in a thread pool. With cache_dir, a result of at most CACHE_MAX_BYTES is
-    cached there as one checksummed file keyed by the files' paths, sizes, inodes and nanosecond times and by size.
-    A file that cannot be read or
-    decoded stops with one line naming it."""
+    cached there as one checksummed file keyed by the files' paths, sizes, inodes and nanosecond times and by
+    size. A file that cannot be read or decoded stops with one line naming it."""
     n, cache = len(paths), None
     if cache_dir and n * 3 * size * size <= CACHE_MAX_BYTES:
         for p in paths:
             if not os.path.isfile(p):
                 _read_image(p, size)  # raises the one-line error naming it
-        stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns, s.st_ino) for p in paths for s in [os.stat(p)]]
-        key = hashlib.sha1(repr((stats, size)).encode()).hexdigest()[:16]  # thousands of files: stat, not content
+        stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns, s.st_ino) for p in paths
+                 for s in [os.stat(p)]]
+        # thousands of files: stat, not content
+        key = hashlib.sha1(repr((stats, size)).encode()).hexdigest()[:16]
         cache = os.path.join(cache_dir, f"images_{n}x{size}_{key}.pt")
-        cached = _load_cache(cache)
+        cached = load_cache(cache)
         if cached is not None:
             return cached
     x = torch.empty((n, 3, size, size), dtype=torch.uint8)  # filled in place: no second copy of a large set
@@ -67,7 +68,7 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, stop at once rather than decode the rest
     if cache:
-        _save_cache(x, cache)
+        save_cache(x, cache)
     return x
 
 
@@ -78,13 +79,15 @@ def parse_imagenet_c(spec):
 
 
 def _class_images(folders_per_class):
-    """(paths, y int64): the images of each class's folders, by name within a folder; y = the class's position."""
+    """(paths, y int64): the images of each class's folders, by name within a folder; y = the class's
+    position."""
     paths, y = [], []
     for k, folders in enumerate(folders_per_class):
         for folder in folders:
             if not os.path.isdir(folder):
-                raise SystemExit(f"error: class folder {folder} is missing; expected a folder of .JPEG images")
-            names = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+                raise SystemExit(f"error: class folder {folder} is missing; expected a folder of images")
+            names = sorted(e.name for e in os.scandir(folder) if e.is_file()
+                           and e.name.lower().endswith(IMAGE_EXTS))
             if not names:
                 raise SystemExit(f"error: class folder {folder} holds no .jpeg/.jpg/.png image")
             paths += [os.path.join(folder, f) for f in names]
@@ -101,9 +104,12 @@ def imagenet_c_files(root, corruption, severity=5):
     folder = os.path.join(root, corruption, str(severity))
     if not os.path.isdir(folder):
         there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        odd = [d for d in there if d not in IMAGENET_C15 + IMAGENET_C_EXTRA]  # e.g. pointed at a parent folder
-        raise SystemExit(f"error: {folder} is missing; {root} holds the corruption folders {', '.join(there) or 'none'}"
-                         + (f" ({', '.join(odd)}: not ImageNet-C names)" if odd else "") + f"; expected {layout}")
+        # e.g. pointed at a parent folder
+        odd = [d for d in there if d not in IMAGENET_C15 + IMAGENET_C_EXTRA]
+        raise SystemExit(f"error: {folder} is missing; {root} holds the corruption folders "
+                         f"{', '.join(there) or 'none'}"
+                         + (f" ({', '.join(odd)}: not ImageNet-C names)" if odd else "")
+                         + f"; expected {layout}")
     wnids = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not wnids:
         raise SystemExit(f"error: {folder} holds no <wnid> class folder; expected {layout}")
@@ -118,7 +124,8 @@ def _pairs(path, sep, fmt):
             if line.strip():
                 rows.append(line.strip().split(sep, 1) if sep else line.split())
                 if len(rows[-1]) != 2:
-                    raise SystemExit(f"error: {path} line {i} is malformed ({line.strip()[:60]!r}); expected {fmt}")
+                    raise SystemExit(f"error: {path} line {i} is malformed ({line.strip()[:60]!r}); expected "
+                                     f"{fmt}")
     return rows
 
 
@@ -132,7 +139,8 @@ def breeds_classes(name, info_dir):
     info, edges_file, names_file = (os.path.join(info_dir or "", f) for f in BREEDS_FILES)
     for f in (info, edges_file, names_file):
         if not os.path.isfile(f):
-            raise SystemExit(f"error: BREEDS file {f} is missing; --breeds_dir must hold {', '.join(BREEDS_FILES)} "
+            raise SystemExit(f"error: BREEDS file {f} is missing; --breeds_dir must hold "
+                             f"{', '.join(BREEDS_FILES)} "
                              f"of github.com/MadryLab/BREEDS-Benchmarks (imagenet_class_hierarchy/modified)")
     try:
         with open(info) as f:
@@ -140,7 +148,8 @@ def breeds_classes(name, info_dir):
     except (ValueError, TypeError, KeyError, IndexError):
         leaves = None
     if not leaves:
-        raise SystemExit(f"error: {info} is malformed; expected a JSON list of [class_number, wnid, name, ...]")
+        raise SystemExit(f"error: {info} is malformed; expected a JSON list of [class_number, wnid, name, "
+                         "...]")
     parents = defaultdict(list)
     for p, c in _pairs(edges_file, None, "one 'parent_wnid child_wnid' edge per line"):
         parents[c].append(p)
@@ -156,7 +165,7 @@ def breeds_classes(name, info_dir):
     depth, level, todo = 0, {}, {"n00001740"}
     while todo:
         if depth > len(kids):
-            raise SystemExit(f"error: {edges_file} has a cycle; expected a hierarchy of parent -> child edges")
+            raise SystemExit(f"error: {edges_file} has a cycle; expected a hierarchy of parent-child edges")
         level.update(dict.fromkeys(todo, depth))
         depth, todo = depth + 1, {c for n in todo for c in kids[n]}
 
@@ -197,7 +206,8 @@ def breeds_files(name, imagenet_dir, info_dir):
         if not os.path.isdir(os.path.join(imagenet_dir, split)):
             raise SystemExit(f"error: {os.path.join(imagenet_dir, split)} is missing; --data_dir must hold "
                              f"ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (torchvision's layout)")
-    return {f"{domain}_{part}": _class_images([[os.path.join(imagenet_dir, split, w) for w in ws] for ws in subs])
+    return {f"{domain}_{part}": _class_images([[os.path.join(imagenet_dir, split, w) for w in ws]
+                                               for ws in subs])
             for domain, subs in (("source", source), ("target", target))
             for part, split in (("train", "train"), ("test", "val"))}
 
@@ -205,7 +215,8 @@ def breeds_files(name, imagenet_dir, info_dir):
 def _pick(value, allowed, path, where, column):
     """Position of value in allowed ("0"/"1" -> 0/1, "-1"/"1" -> 0/1); one line naming the file otherwise."""
     if (value or "").strip() not in allowed:
-        raise SystemExit(f"error: {path}, {where}: {column} is {value!r}; expected one of {', '.join(allowed)}")
+        raise SystemExit(f"error: {path}, {where}: {column} is {value!r}; expected one of "
+                         f"{', '.join(allowed)}")
     return allowed.index(value.strip())
 
 
@@ -231,23 +242,28 @@ def group_files(name, root):
                                           for c, n in (("split", 3), ("y", 2), ("place", 2))))
                     for i, r in enumerate(reader, 2)]
     else:
-        attr, part = (os.path.join(root, "celeba", f) for f in ("list_attr_celeba.txt", "list_eval_partition.txt"))
+        names = ("list_attr_celeba.txt", "list_eval_partition.txt")
+        attr, part = (os.path.join(root, "celeba", f) for f in names)
         folder = os.path.join(root, "celeba", "img_align_celeba")
         for f in (attr, part):
             if not os.path.isfile(f):
-                raise SystemExit(f"error: {f} is missing; --data_dir must be torchvision's CelebA root holding "
-                                 f"celeba/list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba/")
+                raise SystemExit(f"error: {f} is missing; --data_dir must be torchvision's CelebA root "
+                                 "holding "
+                                 "celeba/list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba/")
         with open(attr) as f:
             f.readline()  # the image count
             cols = f.readline().split()
             missing = [c for c in ("Blond_Hair", "Male") if c not in cols]
             if missing:
-                raise SystemExit(f"error: {attr} lacks the attribute column {', '.join(missing)}; expected line 2 to "
+                raise SystemExit(f"error: {attr} lacks the attribute column {', '.join(missing)}; expected "
+                                 "line 2 to "
                                  f"name the 40 attributes, Blond_Hair and Male among them")
-            ya, fields = {}, [(c, cols.index(c) + 1) for c in ("Blond_Hair", "Male")]  # +1: field 0 is the file
+            # +1: field 0 is the file
+            ya, fields = {}, [(c, cols.index(c) + 1) for c in ("Blond_Hair", "Male")]
             for i, v in enumerate((line.split() for line in f), 3):
                 if v and len(v) != len(cols) + 1:
-                    raise SystemExit(f"error: {attr} line {i} has {len(v)} fields; expected <file> and {len(cols)} "
+                    raise SystemExit(f"error: {attr} line {i} has {len(v)} fields; expected <file> and "
+                                     f"{len(cols)} "
                                      f"values -1/1")
                 if v:  # file -> (blond, male) as 0/1
                     ya[v[0]] = tuple(_pick(v[j], ("-1", "1"), attr, f"line {i}", c) for c, j in fields)
@@ -273,10 +289,11 @@ def _check_family(name, root):
 
 def family_source(name, root, info_dir=None, size=224, cache_dir=None, limit=0):
     """Source training data ({"train": (x, y), "test": (x, y) or None}, num_classes): living17 / entity30 the
-    source subclasses (train: ImageNet train, test: ImageNet val); waterbirds / celeba the train split, no test.
-    limit > 0: a seeded random subset of at most limit training images."""
+    source subclasses (train: ImageNet train, test: ImageNet val); waterbirds / celeba the train split, no
+    test. limit > 0: a seeded random subset of at most limit training images."""
     if name == "imagenet_c":
-        raise SystemExit("error: imagenet_c has no source training: its source is torchvision's ImageNet-pretrained "
+        raise SystemExit("error: imagenet_c has no source training: its source is torchvision's "
+                         "ImageNet-pretrained "
                          "ResNet-50 (finetune.py --ckpt imagenet)")
     _check_family(name, root)
     if name in BREEDS:
@@ -297,15 +314,17 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
     """Target data for surgical fine-tuning (PROTOCOL section 8), decoding only the images it returns:
     {"train"|"val"|"test": (x, y), "groups": {"val"|"test": g} or None, "source_test": (x, y) or None,
     "num_classes": K, "counts": {split: n}}. Defaults for None: imagenet_c 5 / 10 / 10 per class; living17,
-    entity30 train_n 850 over the superclasses, 10 val per superclass, all test; waterbirds, celeba 100 train and
-    30 val per group from the val split, all the test split. test_per_class 0 = all, except for imagenet_c."""
+    entity30 train_n 850 over the superclasses, 10 val per superclass, all test; waterbirds, celeba 100 train
+    and 30 val per group from the val split, all the test split. test_per_class 0 = all, except for
+    imagenet_c."""
     _check_family(name, root)
     groups = source_test = None
     if name == "imagenet_c":  # target_split: the same files for every corruption (the release shares names)
         parse_imagenet_c(corruption or "")
         paths, y, wnids = imagenet_c_files(root, corruption, severity)
         k = len(wnids)
-        idx = target_split(y, 5 * k if train_n is None else train_n, 10 if val_per_class is None else val_per_class,
+        idx = target_split(y, 5 * k if train_n is None else train_n, 10 if val_per_class is None
+                           else val_per_class,
                            10 if test_per_class is None else test_per_class, seed, num_classes=k)
         split = {s: (paths, y, idx[s]) for s in ("train", "val", "test")}
     else:  # living17 / entity30: per superclass; waterbirds / celeba: per group
@@ -319,14 +338,17 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
         else:  # the group-balanced target distribution, drawn from the val split (our reading; README)
             s, k, n = group_files(name, root), 2, 400 if train_n is None else train_n
             if n % 4:
-                raise SystemExit(f"error: --train_n {n} must be a multiple of 4 (the same count for each of 4 groups)")
+                raise SystemExit(f"error: --train_n {n} must be a multiple of 4 (the same count for each of "
+                                 "4 groups)")
             (paths, y, g), (tpaths, ty, tg) = s["val"], s["test"]
             counts = [[n // 4] * 4, [30 if val_per_class is None else val_per_class] * 4]
         tr, va = per_class_split(g, counts, seed)
-        te, = per_class_split(tg, [[test_per_class or None] * len(counts[0])], seed, flags=("--test_per_class",))
+        te, = per_class_split(tg, [[test_per_class or None] * len(counts[0])], seed,
+                              flags=("--test_per_class",))
         split = {"train": (paths, y, tr), "val": (paths, y, va), "test": (tpaths, ty, te)}
         groups = None if name in BREEDS else {"val": g[va], "test": tg[te]}
-    out = {s: (read_images([p[i] for i in idx.tolist()], size, cache_dir), y[idx]) for s, (p, y, idx) in split.items()}
+    out = {s: (read_images([p[i] for i in idx.tolist()], size, cache_dir), y[idx])
+           for s, (p, y, idx) in split.items()}
     return {**out, "groups": groups, "source_test": source_test, "num_classes": k,
             "counts": {s: len(v[1]) for s, v in out.items()}}
 
@@ -334,21 +356,26 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
 
 
 def family_targets(args, corruptions, num_classes, dev):
-    """data.cifar_targets() for the ImageNet family: (corruption, {split: (x, y[, groups])} on dev, the source test
-    split or None) from args.data_dir; waterbirds / celeba carry their group ids as a third tensor."""
+    """data.cifar_targets() for the ImageNet family: (corruption, {split: (x, y[, groups])} on dev, the source
+    test split or None) from args.data_dir; waterbirds / celeba carry their group ids as a third tensor."""
     for i, c in enumerate(corruptions):
         t = family_target(args.data, args.data_dir, args.breeds_dir, c if args.data == "imagenet_c" else None,
-                          args.severity, args.train_n, args.val_per_class, args.test_per_class, args.split_seed,
-                          args.image_size, args.cache_dir)
+                          args.severity, args.train_n, args.val_per_class, args.test_per_class,
+                          args.split_seed, args.image_size, args.cache_dir)
         if t["num_classes"] != num_classes:
-            raise SystemExit(f"error: {args.data_dir} has {t['num_classes']} classes but the source model has "
-                             f"{num_classes} outputs; " + ("--ckpt imagenet needs all 1000 ImageNet classes" if
-                                                          args.ckpt == "imagenet" else f"retrain {args.ckpt} on it"))
+            fix = "--ckpt imagenet needs all 1000 ImageNet classes"
+            if args.ckpt != "imagenet":
+                fix = f"retrain {args.ckpt} on it"
+            raise SystemExit(f"error: {args.data_dir} has {t['num_classes']} classes but the source model "
+                             "has "
+                             f"{num_classes} outputs; {fix}")
         groups = t["groups"] or {}
         if i == 0:
-            print(f"target: {args.data} from {args.data_dir}, {t['num_classes']} classes, {args.image_size} px; "
+            print(f"target: {args.data} from {args.data_dir}, {t['num_classes']} classes, {args.image_size} "
+                  "px; "
                   f"split (seed {args.split_seed}) per {'group' if groups else 'class'}: "
                   + ", ".join(f"{s} {t[s][1].numel():,d}" for s in ("train", "val", "test"))
                   + ("; metric: worst-group accuracy" if groups else ""))
-        yield c, {s: tuple(v.to(dev) for v in (*t[s], *([groups[s]] if s in groups else [])))
-                  for s in ("train", "val", "test")}, t["source_test"] and tuple(v.to(dev) for v in t["source_test"])
+        splits = {s: tuple(v.to(dev) for v in (*t[s], *([groups[s]] if s in groups else [])))
+                  for s in ("train", "val", "test")}
+        yield c, splits, t["source_test"] and tuple(v.to(dev) for v in t["source_test"])

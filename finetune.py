@@ -1,6 +1,6 @@
 """
-Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted target by training one block (or what
-an automatic method chooses), select lr and epoch on target validation, report target test accuracy.
+Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted target by training one block (or
+what an automatic method chooses), select lr and epoch on target validation, report target test accuracy.
 
     python finetune.py --data cifar_c --tune layer1      # the paper's 14 corruptions at severity 5, seed 0
     python finetune.py --data cifar_flip --tune fc       # CIFAR-Flip (labels y -> 9 - y)
@@ -8,8 +8,8 @@ an automatic method chooses), select lr and epoch on target validation, report t
     python finetune.py --objective memo --tune layer1    # label-free (unsupervised.py)
 
 The CIFAR source is the paper's own ResNet-26 (--ckpt paper: downloaded once, checksum-checked). One JSON per
-(data, corruption, tune, seed) in --out_dir; its fields are in the README ("Result files"). A CIFAR-C run of one
-corruption takes 1-5 minutes on a 2-core CPU with --cpu_bf16 (README: the measured times).
+(data, corruption, tune, seed) in --out_dir; its fields are in the README ("Result files"). A CIFAR-C run of
+one corruption takes 1-5 minutes on a 2-core CPU with --cpu_bf16 (README: the measured times).
 """
 import copy
 import itertools
@@ -44,9 +44,11 @@ def method_params(args, source, train, log=print):
     if args.tune == "auto_snr" and args.snr == "eb":  # candidates; chosen anew every epoch by method_epoch
         names = [n for n in names if n not in norms]
         return names, names, {"criterion": "eb", "threshold": args.snr_threshold}
-    if args.tune == "auto_snr":  # per-example SNR of every tensor, once, on a seeded subset of the training split
+    # per-example SNR of every tensor, once, on a seeded subset of the training split
+    if args.tune == "auto_snr":
         x, y = train[:2]
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.snr_n].to(x.device)
+        idx = torch.randperm(len(x),
+                             generator=torch.Generator().manual_seed(args.seed))[:args.snr_n].to(x.device)
         scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx], names, chunk_size=32)
         names = rgn.snr_select(scores, args.snr_threshold)
         log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above {args.snr_threshold}: "
@@ -73,61 +75,56 @@ def method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps):
                 opt.measure()
                 opt.zero_grad(set_to_none=True)
         return opt
-    if args.tune == "auto_snr" and args.snr == "eb":  # tensors scoring >= threshold train this epoch, Adam anew
+    # tensors scoring >= threshold train this epoch, Adam anew
+    if args.tune == "auto_snr" and args.snr == "eb":
         M.freeze_except(model, names)
         scores = rgn.eb_scores(loss_of, probe(), [(n, p) for n, p in model.named_parameters() if n in names])
         chosen = [n for n in names if scores[n] >= args.snr_threshold]
-        hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in M.block_params(model).items() if b != "all"})
+        hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in M.block_params(model).items()
+                            if b != "all"})
         params = M.freeze_except(model, chosen)
         return torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
-    return opt or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr, weight_decay=args.wd)
+    return opt or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr,
+                                   weight_decay=args.wd)
 
 
 # -----------------------------------------------------------------------------
 # one lr: train, evaluate val every epoch, keep the best
 
-@torch.no_grad()
-def measure(model, split, start=0):
-    """{"acc", "loss"} of a split (x, y) or (x, y, groups). With groups (waterbirds, celeba) acc is the worst group's
-    accuracy (the paper's metric there), "avg_acc" the mean of the group accuracies, "group_acc" each (ids ascending)."""
-    x, y, g = (*split, None)[:3]
-    hit, loss = C.hits(model, x, y, start=start)
-    if g is None:
-        return {"acc": hit.float().mean().item() * 100, "loss": loss}
-    acc = [hit[g == k].float().mean().item() * 100 for k in g.unique().tolist()]
-    return {"acc": min(acc), "loss": loss, "avg_acc": sum(acc) / len(acc), "group_acc": acc}
-
-
 def epoch_entry(epoch, train_loss, v, t, t0):
-    """One history entry from measure() of val and of test (t None: test not scored at this epoch)."""
+    """One history entry from C.measure() of val and of test (t None: test not scored at this epoch)."""
     e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"], "val_loss": v["loss"],
          "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
     if "avg_acc" in v:  # waterbirds / celeba: the group-balanced average and the per-group accuracies too
-        e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"], test_group_acc=t and t["group_acc"])
+        e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"], test_group_acc=t
+                 and t["group_acc"])
     return {**e, "seconds": time.time() - t0}
 
 
 def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, l1_lambda=0.0):
-    """Train the named parameters of model in place at lr for args.epochs, val after every epoch. splits: {split:
-    (x, y[, groups])} on the device, x the input of stage start[split] (an int: every split's). epoch0: the source's
-    history entry (None: scored here). record["val"]: the best val accuracy so far in the grid; test is scored only
-    where val beats it, the only places select() can land. Returns (history entry, {name: tensor} at this lr's
-    best-val epoch)."""
+    """Train the named parameters of model in place at lr for args.epochs, val after every epoch. splits:
+    {split: (x, y[, groups])} on the device, x the input of stage start[split] (an int: every split's).
+    epoch0: the source's history entry (None: scored here). record["val"]: the best val accuracy so far in the
+    grid; test is scored only where val beats it, the only places select() can land. Returns (history entry,
+    {name: tensor} at this lr's best-val epoch)."""
     start = start if isinstance(start, dict) else dict.fromkeys(splits, start)
     record = {"val": -1.0} if record is None else record
     if epoch0 is None:
         t0 = time.time()
-        epoch0 = epoch_entry(0, None, measure(model, splits["val"], start["val"]),
-                             measure(model, splits["test"], start["test"]), t0)
+        epoch0 = epoch_entry(0, None, C.measure(model, splits["val"], start["val"]),
+                             C.measure(model, splits["test"], start["test"]), t0)
     dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batch order for every lr and method
-    gm = torch.Generator(device=dev).manual_seed(args.seed + 1)  # the methods' probe batches: a stream of their own
+    # the methods' probe batches: a stream of their own
+    gm = torch.Generator(device=dev).manual_seed(args.seed + 1)
     params = M.freeze_except(model, names)
     src = [p.detach().clone() for p in params] if l1_lambda else None
-    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [epoch0],
-            **({"rgn": []} if args.tune == "auto_rgn" else {}), **({"snr": []} if args.tune == "auto_snr" and
-                                                                     args.snr == "eb" else {})}
+    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [epoch0]}
+    if args.tune == "auto_rgn":  # the per-block mean rate multiplier, each epoch
+        hist["rgn"] = []
+    if args.tune == "auto_snr" and args.snr == "eb":  # tensors chosen per block, each epoch
+        hist["snr"] = []
     opt, best, best_val, t0 = None, {}, -1.0, time.time()
 
     def loss_of(xb, yb):
@@ -138,9 +135,11 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
         return itertools.islice(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm), 5)
     for epoch in range(1, args.epochs + 1 if names else 1):
         model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
-        opt = method_epoch(args, model, names, lr, opt, hist, loss_of, probe, math.ceil(len(xtr) / args.batch_size))
+        opt = method_epoch(args, model, names, lr, opt, hist, loss_of, probe,
+                           math.ceil(len(xtr) / args.batch_size))
         tot = 0.0
-        for step, (xb, yb) in enumerate(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g), 1):
+        for step, (xb, yb) in enumerate(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g),
+                                        1):
             loss = loss_of(xb, yb)
             tot += C.finite(loss, f"lr {lr:g}, epoch {epoch}, step {step}", "Try smaller --lrs.") * len(yb)
             if opt is not None:  # auto_snr may choose nothing for an epoch: the model then stays as it is
@@ -148,51 +147,31 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        v = measure(model, splits["val"], start["val"])
-        t = measure(model, splits["test"], start["test"]) if args.test_every_epoch or v["acc"] > record["val"] else None
+        v = C.measure(model, splits["val"], start["val"])
+        t = C.measure(model, splits["test"],
+                    start["test"]) if args.test_every_epoch or v["acc"] > record["val"] else None
         record["val"] = max(record["val"], v["acc"])
         hist["epochs"].append(epoch_entry(epoch, tot / len(xtr), v, t, t0))
         if v["acc"] > best_val:  # strictly better: ties keep the earlier epoch, as select() does
-            best_val, best = v["acc"], {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
+            best_val, best = v["acc"], {n: p.detach().clone() for n, p in model.named_parameters()
+                                        if n in set(names)}
         if "rgn" in hist:
             hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
     return hist, best
 
 
 def select(history, min_epoch=1):
-    """The (lr, lambda, epoch) with the best val accuracy over epochs >= min_epoch, ties -> first seen (history
-    order, then epoch order), with its history index as "run"."""
+    """The (lr, lambda, epoch) with the best val accuracy over epochs >= min_epoch, ties -> first seen
+    (history order, then epoch order), with its history index as "run"."""
     sel = None
     for i, h in enumerate(history):
         for e in h["epochs"]:
             if e["epoch"] >= min_epoch and (sel is None or e["val_acc"] > sel["val_acc"]):
-                sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"], "val_acc": e["val_acc"],
-                       "test_acc": e["test_acc"], **({"test_avg_acc": e["test_avg_acc"]} if "test_avg_acc" in e else {})}
+                sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"],
+                       "val_acc": e["val_acc"],
+                       "test_acc": e["test_acc"], **({"test_avg_acc": e["test_avg_acc"]}
+                                                     if "test_avg_acc" in e else {})}
     return sel
-
-
-def cached_splits(source, target, k, args, log=print):
-    """({split: (stage-k activations or the images, y[, groups])}, {split: its start stage}): the frozen stages run
-    once per split, train, val, test in turn while --prefix_cache_gb lasts (a ResNet-50 layer1 output is 1.6 MB an
-    image in bf16)."""
-    budget, out, starts = args.prefix_cache_gb * 2 ** 30, {}, {}
-    for s, (x, *rest) in target.items():
-        one = M.prefix(source, x[:1], k)
-        need = one.numel() * one.element_size() * len(x)
-        starts[s] = k if k and need <= budget else 0
-        budget -= need if starts[s] else 0
-        out[s] = (M.prefix(source, x, starts[s]), *rest)
-    if k and min(starts.values()) == 0:
-        log(f"prefix cache: {', '.join(s for s in starts if not starts[s])} over --prefix_cache_gb "
-            f"{args.prefix_cache_gb:g}: run whole every epoch")
-    return out, starts
-
-
-def cache_stage(names, args, arch):
-    """Stages frozen and computed once: those before the first tuned one (0: none; BatchNorm in train mode makes
-    their output depend on the batch; tune none evaluates once anyway)."""
-    bn_train = args.bn == "train" and arch != "resnet26"  # the others have BatchNorm
-    return 0 if not args.prefix_cache_gb or not names or bn_train else M.first_stage(names, arch)
 
 
 # -----------------------------------------------------------------------------
@@ -200,10 +179,10 @@ def cache_stage(names, args, arch):
 
 def supervised(args, source, names, target, k, where, log):
     """The lr (x lambda) grid, one line per lr. Returns (history, selection, the selected model)."""
-    splits, starts = cached_splits(source, target, k, args, log)
+    splits, starts = C.cached_splits(source, target, k, args, log)
     t0 = time.time()  # epoch 0 is the source model: the same for every lr, so scored once
-    epoch0 = epoch_entry(0, None, measure(source, splits["val"], starts["val"]),
-                         measure(source, splits["test"], starts["test"]), t0)
+    epoch0 = epoch_entry(0, None, C.measure(source, splits["val"], starts["val"]),
+                         C.measure(source, splits["test"], starts["test"]), t0)
     lambdas = [float(v) for v in args.l1_lambdas.split(",") if v] if args.tune == "l1" else [0.0]
     grid = [(lr, lam) for lam in lambdas for lr in P.lr_grid(args, names)] if names else [(None, 0.0)]
     history, states, record = [], [], {"val": -1.0}
@@ -213,9 +192,12 @@ def supervised(args, source, names, target, k, where, log):
         states.append(best)
         if names:
             curve, top = [e["val_acc"] for e in h["epochs"]], max(h["epochs"][1:], key=lambda e: e["val_acc"])
-            extra = f" | rgn {' '.join(f'{b} {m:.2f}' for b, m in h['rgn'][-1].items())}" if "rgn" in h else ""
+            extra = ""
+            if "rgn" in h:  # the last epoch's mean rate multiplier per block
+                extra = " | rgn " + " ".join(f"{b} {m:.2f}" for b, m in h["rgn"][-1].items())
             log(f"{where((j + 1) / len(grid))} lr {lr:.0e}{f' lambda {lam:.0e}' if lam else ''} | val "
-                f"{curve[0]:.1f} -> {curve[-1]:.1f}%, best {top['val_acc']:.1f}% at epoch {top['epoch']}{extra}")
+                f"{curve[0]:.1f} -> {curve[-1]:.1f}%, best {top['val_acc']:.1f}% at epoch "
+                f"{top['epoch']}{extra}")
     sel = select(history, min_epoch=1 if names else 0)
     tuned = copy.deepcopy(source)
     with torch.no_grad():  # the selected model: the source with the tuned tensors at their selected values
@@ -226,32 +208,35 @@ def supervised(args, source, names, target, k, where, log):
 
 def run(args, source, target, clean, corruption, acc_before, where=lambda f: "", log=print):
     """One (data, corruption, tune, seed). target: {split: (x uint8, y[, groups])} on the device; clean: the
-    source-distribution test split or None. where(fraction of this run done) -> the position and ETA of a log line.
-    Writes protocol.result_path() and returns the result."""
+    source-distribution test split or None. where(fraction of this run done) -> the position and ETA of a log
+    line. Writes protocol.result_path() and returns the result."""
     t0, dev = time.time(), target["test"][0].device
     names, trained, snr = method_params(args, source, target["train"], log)
-    k = cache_stage(names, args, source.arch)
+    k = C.cache_stage(names, args, source.arch)
     if args.objective == "ce":
         history, sel, tuned = supervised(args, source, names, target, k, where, log)
         source_acc = C.evaluate(tuned, *clean)[0] if names and clean else acc_before
     else:
         k = 0 if args.objective == "memo" or args.ent_copies else k  # augmented copies need the images
-        history, sel, source_acc = unsupervised.run(args, source, names, target["test"], clean, k, acc_before, log)
-    res = {"data": args.data, "corruption": corruption, "severity": args.severity if "_c" in args.data else None,
-           "tune": args.tune, "seed": args.seed, "objective": args.objective, "variant": P.variant(args),
+        test = target["test"]
+        history, sel, source_acc = unsupervised.run(args, source, names, test, clean, k, acc_before, log)
+    severity = args.severity if args.data.endswith("_c") else None
+    metric = "worst-group accuracy" if "test_avg_acc" in sel else "accuracy"
+    n_params = sum(p.numel() for n, p in source.named_parameters() if n in set(trained))
+    res = {"data": args.data, "corruption": corruption, "severity": severity, "tune": args.tune,
+           "seed": args.seed, "objective": args.objective, "variant": P.variant(args),
            "changed": P.changed_settings(args), "args": vars(args),
-           "trained": {"tensors": len(trained), "names": trained,
-                       "params": sum(p.numel() for n, p in source.named_parameters() if n in set(trained))},
+           "trained": {"tensors": len(trained), "params": n_params, "names": trained},
            "prefix_stage": k, "history": history, "selected": {k_: v for k_, v in sel.items() if k_ != "run"},
-           "test_acc": sel["test_acc"], "val_acc": sel["val_acc"], "source_acc": source_acc,
-           "source_acc_before": acc_before, "metric": "worst-group accuracy" if "test_avg_acc" in sel else "accuracy",
-           "test_avg_acc": sel.get("test_avg_acc"), "snr": snr, "seconds": time.time() - t0,
-           "torch": str(torch.__version__), "device": C.device_name(dev)}
+           "test_acc": sel["test_acc"], "val_acc": sel["val_acc"], "test_avg_acc": sel.get("test_avg_acc"),
+           "metric": metric, "source_acc": source_acc, "source_acc_before": acc_before, "snr": snr,
+           "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev)}
     path = P.result_path(args, corruption)
     res = C.write_json(res, path)  # rounded as written, so the caller sees the file's numbers
     at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names and sel["epoch"] is not None else args.objective
     kept = f" | source test {source_acc:.2f}% (before {acc_before:.2f}%)" if clean else ""
-    log(f"{where(1.0)} result: test {res['test_acc']:.2f}% ({res['metric']}; val {sel['val_acc'] or 0:.1f}% at {at})"
+    log(f"{where(1.0)} result: test {res['test_acc']:.2f}% ({res['metric']}; val {sel['val_acc'] or 0:.1f}% "
+        f"at {at})"
         f"{kept} | {C.fmt_time(res['seconds'])} -> {path}")
     return res
 
@@ -273,7 +258,8 @@ def main(argv=None):
     print(f"method: --tune {args.tune}; " + (unsupervised.describe(args, dev) if args.objective != "ce" else
           f"Adam, lr grid {args.lrs}" + (f" (fc alone: {P.FC_LRS})" if args.data.startswith("cifar") else "")
           + (f" x lambda {args.l1_lambdas}" if args.tune == "l1" else "") + f", wd {args.wd:g}, batch "
-          f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}, BatchNorm {args.bn}; selection: best val "
+          f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}, BatchNorm {args.bn}; selection: best "
+          "val "
           f"accuracy over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there"))
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, (c, target, clean_c) in enumerate(targets):
@@ -281,9 +267,11 @@ def main(argv=None):
             clean, acc_before = clean_c, C.evaluate(source, *clean_c)[0]
             print(f"source: {args.ckpt}, source test accuracy {acc_before:.2f}%")
 
-        def where(f, i=i, c=c):  # "[corruption k/N]" and the command's ETA, from the fraction of this run done
+        # "[corruption k/N]" and the command's ETA, from the fraction of this run done
+        def where(f, i=i, c=c):
             el, done = time.time() - t0, (i + f) / len(corruptions)
-            return f"[{c} {i + 1}/{len(corruptions)}, {C.fmt_time(el)}, ETA {C.fmt_time(el / done * (1 - done))}]"
+            eta = C.fmt_time(el / done * (1 - done))
+            return f"[{c} {i + 1}/{len(corruptions)}, {C.fmt_time(el)}, ETA {eta}]"
         results.append(run(args, source, target, clean_c, c, acc_before, where))
     if len(results) > 1:
         kept = [r["source_acc"] for r in results if r["source_acc"] is not None]

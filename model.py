@@ -1,11 +1,11 @@
 """
 The networks of the paper and the table of blocks that surgical fine-tuning tunes one at a time.
 
-ResNet-26 (CIFAR): pre-activation, GroupNorm with 8 groups, parameter-free shortcuts, widths 16/32/64, as in the
-test-time-training code the paper's CIFAR checkpoint comes from (PROTOCOL section 1). 366,938 parameters.
+ResNet-26 (CIFAR): pre-activation, GroupNorm with 8 groups, parameter-free shortcuts, widths 16/32/64, as in
+the test-time-training code the paper's CIFAR checkpoint comes from (PROTOCOL section 1). 366,938 parameters.
 ResNet-50 (ImageNet family, PROTOCOL section 8): torchvision's, BatchNorm, 25,557,032 parameters.
-WideResNet-28-10 (wrn.py): RobustBench's CIFAR net, which the authors' released code fine-tunes.
-Checkpoints (ours, the paper's, RobustBench's) are read and written by checkpoints.py.
+WideResNet-28-10 (wrn.py): RobustBench's CIFAR net, which the authors' released code fine-tunes. Checkpoints
+(ours, the paper's, RobustBench's) are read and written by checkpoints.py.
 
     python model.py                    # the block table with parameter counts
     python model.py --arch resnet50    # the same for ResNet-50 (no download: the counts need no weights)
@@ -17,35 +17,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import autocast
 
-# Blocks the paper tunes one at a time (Lee et al. 2023, Fig. 1 / Table 1). The stem conv rides with layer1, as in
-# the authors' code; the final norm trains only under "all". Values are parameter-name prefixes.
+# Blocks the paper tunes one at a time (Lee et al. 2023, Fig. 1 / Table 1). The stem conv rides with layer1,
+# as in the authors' code; the final norm trains only under "all". Values are parameter-name prefixes.
 BLOCKS = {
-    "resnet26": {"layer1": ("conv1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",), "fc": ("fc.",)},
+    "resnet26": {"layer1": ("conv1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",),
+                 "fc": ("fc.",)},
     "resnet50": {"layer1": ("conv1.", "bn1.", "layer1."), "layer2": ("layer2.",), "layer3": ("layer3.",),
                  "layer4": ("layer4.",), "fc": ("fc.",)},
-    "wrn28_10": {"layer1": ("conv1.", "block1."), "layer2": ("block2.",), "layer3": ("block3.",), "fc": ("fc.",)},
+    "wrn28_10": {"layer1": ("conv1.", "block1."), "layer2": ("block2.",), "layer3": ("block3.",),
+                 "fc": ("fc.",)},
 }
-# The forward pass as a chain of stages, each with the parameter-name prefixes it holds, so that the frozen stages
-# before the first tuned one can run once and be cached (finetune.py).
+# The forward pass as a chain of stages, each with the parameter-name prefixes it holds, so that the frozen
+# stages before the first tuned one can run once and be cached (finetune.py).
 STAGE_PARAMS = {
     "resnet26": {"conv1": ("conv1.",), "layer1": ("layer1.",), "layer2": ("layer2.",), "layer3": ("layer3.",),
                  "head": ("norm.", "fc.")},
-    "resnet50": {"conv1": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",), "layer3": ("layer3.",),
+    "resnet50": {"conv1": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",),
+                 "layer3": ("layer3.",),
                  "layer4": ("layer4.",), "head": ("fc.",)},
     "wrn28_10": {"conv1": ("conv1.",), "block1": ("block1.",), "block2": ("block2.",), "block3": ("block3.",),
                  "head": ("bn1.", "fc.")},
 }
 STAGES = tuple(STAGE_PARAMS["resnet26"])
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights expect these
+# torchvision's weights expect these
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def he_fan_out(net):
     """Conv weights drawn from N(0, 2 / (k*k*C_out)): He init over fan-out, as both CIFAR nets' code does."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+            nn.init.normal_(m.weight, 0.0,
+                            (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
 
 
 class Staged(nn.Module):
@@ -72,7 +76,8 @@ class Shortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Pre-activation block: norm -> ReLU -> conv(stride) -> norm -> ReLU -> conv, plus the shortcut of the input."""
+    """Pre-activation block: norm -> ReLU -> conv(stride) -> norm -> ReLU -> conv, plus the shortcut of the
+    input."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -97,7 +102,8 @@ class ResNet26(Staged):
         c, layers = widths[0], []
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(*[BasicBlock(c if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]))
+            layers.append(nn.Sequential(*[BasicBlock(c if j == 0 else w, w, stride if j == 0 else 1)
+                                          for j in range(n)]))
             c = w
         self.layer1, self.layer2, self.layer3 = layers
         self.norm = nn.GroupNorm(8, c)
@@ -114,21 +120,23 @@ class ResNet26(Staged):
 
 
 def imagenet_weights():
-    """torchvision's IMAGENET1K_V1 ResNet-50 weights (76.1% top-1; those of the paper's time, before torchvision's
-    V2 recipe), downloaded once into torch's hub cache."""
+    """torchvision's IMAGENET1K_V1 ResNet-50 weights (76.1% top-1; those of the paper's time, before
+    torchvision's V2 recipe), downloaded once into torch's hub cache."""
     from torchvision.models import ResNet50_Weights
     try:
         return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except Exception as e:  # offline, proxy, disk full...
-        raise SystemExit(f"error: could not fetch torchvision's ImageNet ResNet-50 weights ({type(e).__name__}); go "
-                         f"online once (they are cached under ~/.cache/torch/hub) or pass --weights none (random init)")
+        raise SystemExit("error: could not fetch torchvision's ImageNet ResNet-50 weights "
+                         f"({type(e).__name__}); go "
+                         "online once (they are cached under ~/.cache/torch/hub) or pass --weights none "
+                         "(random init)")
 
 
 class ResNet50(Staged):
-    """torchvision's ResNet-50 (v1.5, BatchNorm) with its parameter names, so its ImageNet weights load as they are.
-    weights "imagenet": those weights, then a new fc when num_classes != 1000; None: random init. layers / width
-    (torchvision's width_per_group): smaller nets of the same names, for tests. BatchNorm is why finetune.py keeps
-    the model in eval mode by default (--bn)."""
+    """torchvision's ResNet-50 (v1.5, BatchNorm) with its parameter names, so its ImageNet weights load as
+    they are. weights "imagenet": those weights, then a new fc when num_classes != 1000; None: random init.
+    layers / width (torchvision's width_per_group): smaller nets of the same names, for tests. BatchNorm is
+    why finetune.py keeps the model in eval mode by default (--bn)."""
     arch, stages = "resnet50", tuple(STAGE_PARAMS["resnet50"])
 
     def __init__(self, num_classes=1000, weights=None, layers=(3, 4, 6, 3), width=64):
@@ -137,7 +145,8 @@ class ResNet50(Staged):
         net = ResNet(Bottleneck, list(layers), width_per_group=width)
         if weights == "imagenet":
             net.load_state_dict(imagenet_weights())
-        for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"):  # same names, same weights
+        # same names, same weights
+        for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"):
             setattr(self, name, getattr(net, name))
         if num_classes != self.fc.out_features:
             self.fc = nn.Linear(self.fc.in_features, num_classes)
@@ -178,16 +187,18 @@ def block_params(model):
 
 
 def resolve_tune(model, tune):
-    """The parameter names a --tune value trains, in model order: "none", a block, "all", or a list of blocks and
-    parameter-name prefixes joined by "," or "+" (e.g. "layer1+layer2", "layer2.0.,fc."). One line if a part
-    matches nothing."""
+    """The parameter names a --tune value trains, in model order: "none", a block, "all", or a list of blocks
+    and parameter-name prefixes joined by "," or "+" (e.g. "layer1+layer2", "layer2.0.,fc."). One line if a
+    part matches nothing."""
     groups, chosen = block_params(model), set()
     if tune == "none":
         return []
     for part in re.split(r"[,+]", tune):
-        names = groups.get(part) or [n for n in groups["all"] if part and part != "none" and n.startswith(part)]
+        names = groups.get(part) or [n for n in groups["all"] if part and part != "none"
+                                     and n.startswith(part)]
         if not names:
-            raise SystemExit(f"error: --tune {tune!r}: {part!r} matches no parameter; use none, {', '.join(groups)}, "
+            raise SystemExit(f"error: --tune {tune!r}: {part!r} matches no parameter; use none, "
+                             f"{', '.join(groups)}, "
                              f"a method, or parameter-name prefixes (python model.py lists the blocks)")
         chosen.update(names)
     return [n for n in groups["all"] if n in chosen]
@@ -210,25 +221,16 @@ def first_stage(names, arch="resnet26"):
     return len(STAGE_PARAMS[arch])
 
 
-@torch.no_grad()
-def prefix(model, x, stop, chunk=256):
-    """Output of the frozen stages [0, stop) for a whole split, once: eval mode, no grad, in chunks. Exact because
-    those stages keep no batch-dependent state (GroupNorm; BatchNorm in eval mode) and nothing is augmented."""
-    if stop == 0:
-        return x
-    model.eval()
-    with autocast(x.device):
-        return torch.cat([model(xb, start=0, stop=stop) for xb in x.split(chunk)])
-
-
 def block_table(model):
-    """The block table as text: block, parameter count, prefixes; the final norm (tuned only under all) last."""
+    """The block table as text: block, parameter count, prefixes; the final norm (tuned only under all)
+    last."""
     count = {n: p.numel() for n, p in model.named_parameters()}
     rows = [(b, sum(count[n] for n in ns), " ".join(BLOCKS[model.arch].get(b, ("(every parameter)",))))
             for b, ns in block_params(model).items()]
     rest = [n for n in count if not any(n.startswith(p) for ps in BLOCKS[model.arch].values() for p in ps)]
     if rest:
-        rows.append(("(norm)", sum(count[n] for n in rest), "final norm, tuned only under all: " + " ".join(rest)))
+        rows.append(("(norm)", sum(count[n] for n in rest), "final norm, tuned only under all: "
+                     + " ".join(rest)))
     return "\n".join(f"{b:8s} {c:>10,d}  {what}" for b, c, what in rows)
 
 

@@ -1,46 +1,38 @@
 """
 The paper's two automatic ways of choosing what to fine-tune (Lee et al. 2023, section 5; PROTOCOL section 6).
 
-Auto-RGN: Adam with one learning rate per parameter tensor, lr * RGN / max(RGN), where the relative gradient norm
-RGN = ||g|| / ||theta|| (Frobenius) is averaged over the first `measure_steps` minibatches of every epoch. Every
-measured tensor trains at its own rate; the top one gets the base lr. A drop-in for Adam in any plain loop:
+Auto-RGN: Adam with one learning rate per parameter tensor, lr * RGN / max(RGN), where the relative gradient
+norm RGN = ||g|| / ||theta|| (Frobenius) is averaged over `measure_steps` minibatches each epoch. A drop-in
+for Adam:
 
     opt = AutoRGN(model.named_parameters(), lr=1e-3, weight_decay=1e-4, steps_per_epoch=16)
     for epoch in range(15):
         for x, y in batches:
             F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
-        print("rgn:", " ".join(f"{b} {m:.2f}" for b, m in block_multipliers(opt.multipliers, BLOCKS[arch]).items()))
 
-A loop that marks epochs itself passes steps_per_epoch=None and calls opt.new_epoch() before each epoch.
+With steps_per_epoch the epoch's first 5 training batches are measured and trained on (step k <= 5 uses the
+mean of batches 1..k). The authors' scheme (anniesch/surgical-finetuning, main.py), finetune.py's default:
+call opt.new_epoch(), then opt.measure() instead of step() on 5 extra batches at the epoch-start weights. As
+in their code, norm layers stay frozen (opt.frozen; include_norm=True trains them) and Adam's moments restart
+every epoch (keep_state=True keeps them).
 
-The authors' code (anniesch/surgical-finetuning, main.py: get_lr_weights and the epoch loop) and our choices:
-- It measures on 5 extra minibatches at the epoch-start weights without stepping, then trains every batch of the
-  epoch at the new rates. A plain loop has no extra batches, so here the epoch's first 5 training batches are measured
-  AND trained: step k <= 5 uses the mean RGN of batches 1..k (the rates are defined from the very first step; batches
-  2..5 see weights that already moved), steps after the 5th the 5-batch mean. For the authors' scheme exactly, call
-  opt.measure() instead of opt.step() on 5 extra batches right after new_epoch(); step() then measures no more.
-- It leaves every parameter named "*bn*" out of the Adam it rebuilds each epoch, so all norm layers (its WRN's final
-  one too) stay frozen at the source values. Same default here (names in opt.frozen); include_norm=True measures and
-  trains them like any other tensor. norm_names=norm_param_names(model) finds them by module type; without it a name
-  rule that fits ResNet-26 (bn1, bn2, norm) and torchvision (bn1..bn3, downsample.1).
-- Rebuilding Adam resets its moments and step count every epoch; keep_state=True keeps them instead.
-
-Auto-SNR, two criteria; snr_select() keeps the tensors scoring >= a threshold (they train at the base lr):
-- eb_scores(): the authors' (their "eb-criterion"): mean of g^2 / var of the minibatch gradient, averaged over 5
-  minibatches, threshold 0.95, re-selected every epoch, norm layers never trained. finetune.py's default.
-- snr_scores(): the signal-to-noise ratio of the per-example gradients (torch.func), min-max normalised to [0, 1].
+Auto-SNR keeps the tensors scoring >= a threshold (snr_select): eb_scores() is the authors' criterion
+(finetune.py's default, re-selected every epoch); snr_scores() the signal-to-noise ratio of per-example
+gradients (torch.func).
 """
 import re
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-# bn1, layer1.0.bn3, layer1.0.downsample.1 (torchvision), norm, norm1, layernorm, ln_1, gn: weight or bias of a norm
+# bn1, layer1.0.bn3, layer1.0.downsample.1 (torchvision), norm, norm1, layernorm, ln_1, gn: weight or bias of
+# a norm
 NORM_NAME = re.compile(r"(^|\.)((bn|ln|gn)[\d_]*|\w*norm\w*|downsample\.1)\.(weight|bias)$")
 
 
 def norm_param_names(model):
-    """Names of the parameters of every normalisation module (BatchNorm, GroupNorm, LayerNorm, ...), by type."""
+    """Names of the parameters of every normalisation module (BatchNorm, GroupNorm, LayerNorm, ...), by
+    type."""
     return {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if "Norm" in type(m).__name__
             for pn, _ in m.named_parameters(recurse=False)}
 
@@ -48,11 +40,13 @@ def norm_param_names(model):
 def is_norm(name, p, norm_names=None):
     if norm_names is not None:
         return name in norm_names
-    return p.dim() == 1 and NORM_NAME.search(name) is not None  # norm affine parameters are per-channel vectors
+    # norm affine parameters are per-channel vectors
+    return p.dim() == 1 and NORM_NAME.search(name) is not None
 
 
 class AutoRGN(torch.optim.Adam):
-    """Adam, one param group per tensor, group lr = lr * multiplier. opt.multipliers: name -> latest multiplier."""
+    """Adam, one param group per tensor, group lr = lr * multiplier. opt.multipliers: name -> latest
+    multiplier."""
 
     def __init__(self, named_params, lr=1e-3, weight_decay=0.0, steps_per_epoch=None, measure_steps=5,
                  include_norm=False, keep_state=False, norm_names=None, **adam_kw):
@@ -64,7 +58,8 @@ class AutoRGN(torch.optim.Adam):
         self.names = [n for n, _ in tuned]  # parallel to self.param_groups
         self.base_lr, self.steps_per_epoch, self.measure_steps = lr, steps_per_epoch, measure_steps
         self.keep_state = keep_state
-        self.multipliers = dict.fromkeys(self.names, 1.0)  # replaced by the first measurement, before any update
+        # replaced by the first measurement, before any update
+        self.multipliers = dict.fromkeys(self.names, 1.0)
         self.new_epoch()
 
     def new_epoch(self):
@@ -75,13 +70,14 @@ class AutoRGN(torch.optim.Adam):
 
     @torch.no_grad()
     def measure(self):
-        """Add the current gradients to this epoch's mean RGN and set the rates from it; moves no parameter."""
+        """Add the current gradients to this epoch's mean RGN and set the rates from it; moves no
+        parameter."""
         ps = [g["params"][0] for g in self.param_groups]
-        g_norm = torch.stack([p.grad.float().norm() if p.grad is not None else p.new_zeros((), dtype=torch.float32)
-                              for p in ps])
+        zero = torch.zeros((), device=ps[0].device)  # a tensor without a gradient
+        g_norm = torch.stack([p.grad.float().norm() if p.grad is not None else zero for p in ps])
         p_norm = torch.stack([p.float().norm() for p in ps])
-        # a tensor at zero (a zero-initialised bias) has no scale to be relative to: RGN = inf -> multiplier 1,
-        # and it stays out of the max so it cannot shrink every other rate to nothing
+        # a tensor at zero (a zero-initialised bias) has no scale to be relative to: RGN = inf -> multiplier
+        # 1, and it stays out of the max so it cannot shrink every other rate to nothing
         rgn = torch.where(p_norm > 0, g_norm / p_norm, torch.inf)  # (T,) one per tensor
         self._rgn_sum = rgn if self._rgn_sum is None else self._rgn_sum + rgn
         self._measured += 1
@@ -105,12 +101,14 @@ class AutoRGN(torch.optim.Adam):
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none)
-        for p in self._frozen_params:  # frozen norms still get gradients from backward; do not let them pile up
+        # frozen norms still get gradients from backward; do not let them pile up
+        for p in self._frozen_params:
             p.grad = None
 
 
 def block_multipliers(multipliers, blocks):
-    """Mean multiplier per block of a prefix table (model.BLOCKS[arch]), over the block's tensors, for one log line."""
+    """Mean multiplier per block of a prefix table (model.BLOCKS[arch]), over the block's tensors, for one log
+    line."""
     out = {}
     for b, prefixes in blocks.items():
         ms = [m for n, m in multipliers.items() if n.startswith(tuple(prefixes))]
@@ -120,10 +118,11 @@ def block_multipliers(multipliers, blocks):
 
 
 def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
-    """Auto-SNR score in [0, 1] per tensor in names (default: every trainable one), from one batch x, y of N >= 2
-    examples. Per entry SNR = mean_n(g)^2 / var_n(g) (unbiased var over the N per-example gradients; entries with
-    zero variance count 0), averaged over the tensor's entries, then min-max normalised across the tensors.
-    loss_fn(logits, targets) -> scalar sees one example at a time. Put BatchNorm nets in eval() first."""
+    """Auto-SNR score in [0, 1] per tensor in names (default: every trainable one), from one batch x, y of N
+    >= 2 examples. Per entry SNR = mean_n(g)^2 / var_n(g) (unbiased var over the N per-example gradients;
+    entries with zero variance count 0), averaged over the tensor's entries, then min-max normalised across
+    the tensors. loss_fn(logits, targets) -> scalar sees one example at a time. Put BatchNorm nets in eval()
+    first."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = [n for n, p in model.named_parameters() if p.requires_grad] if names is None else list(names)
     scored = {n: params[n] for n in names}
@@ -132,7 +131,8 @@ def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
     def example_loss(scored, xi, yi):  # vmap strips the batch dim; the model wants it back: (1, ...)
         return loss_fn(functional_call(model, {**fixed, **scored}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
-    g = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(scored, x, y)  # name -> (N, *shape)
+    # name -> (N, *shape)
+    g = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(scored, x, y)
     raw = {}
     for n, gn in g.items():
         mean, var = gn.mean(0), gn.var(0)
@@ -142,11 +142,12 @@ def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
 
 
 def eb_scores(loss_fn, batches, named):
-    """The authors' Auto-SNR criterion (their "eb-criterion", main.py get_lr_weights): for each minibatch (x, y) the
-    minibatch gradient g of every tensor in named [(name, param)] is scored by mean(g^2 / (var(g, dim 0) + 1e-8)),
-    the variance over the tensor's first dimension (output channels / classes; unbiased), and the scores are averaged
-    over the minibatches. A classifier head's gradient sums to zero over the classes, so its score is at most
-    (C-1)/C: with the 0.95 threshold a 10-class head never trains. loss_fn(x, y) -> scalar. Returns {name: score}."""
+    """The authors' Auto-SNR criterion (their "eb-criterion", main.py get_lr_weights): for each minibatch (x,
+    y) the minibatch gradient g of every tensor in named [(name, param)] is scored by mean(g^2 / (var(g, dim
+    0) + 1e-8)), the variance over the tensor's first dimension (output channels / classes; unbiased), and the
+    scores are averaged over the minibatches. A classifier head's gradient sums to zero over the classes, so
+    its score is at most (C-1)/C: with the 0.95 threshold a 10-class head never trains. loss_fn(x, y) ->
+    scalar. Returns {name: score}."""
     sums, k = dict.fromkeys((n for n, _ in named), 0.0), 0
     for k, (x, y) in enumerate(batches, 1):
         grads = torch.autograd.grad(loss_fn(x, y), [p for _, p in named])

@@ -4,17 +4,18 @@ The paper's table (PROTOCOL section 7) and its Figure 2 as numbers, from finetun
     python table.py                          # reads results/*.json, writes results/table.md, prints it
     python table.py --results results/small  # sweep.sh runs this at its end
 
-A cell is mean (std) over seeds of target-test accuracy (%). A seed's value in a column with several corruptions
-(CIFAR-C, IN-C) is the mean over the corruptions present. std is the sample standard deviation (n - 1 divisor;
-the paper does not say which it used), "-" with one seed. Rows (finetune.py --tune): No Adaptation = none,
-Full Fine-Tuning = all, L1 Regularize = l1, Auto-SNR = auto_snr, Auto-RGN = auto_rgn; Cross-Val = for each
-(dataset, seed) the block among layer1/layer2/layer3/(layer4)/fc whose val_acc averaged over the column's corruptions
-is best (ties: that order), at its test_acc (PROTOCOL section 5). An extra row chooses per corruption instead.
-"All runs" lists every tune present, blocks and method variants (finetune.py's non-default method flags) included.
-Avg Rank: in each column with data, rank Full FT, L1, Auto-SNR and Auto-RGN by their means rounded as printed
-(1 = best, ties share the better rank), then average over the columns where the method has a value.
-A cell lacking some (corruption, seed) run that its column has for another method is marked * (not complete).
-Only *.json files are read: finetune.py's temp files (name.json.tmpPID) of killed runs never are.
+A cell is mean (std) over seeds of target-test accuracy (%). A seed's value in a column with several
+corruptions (CIFAR-C, IN-C) is the mean over the corruptions present. std is the sample standard deviation (n
+- 1 divisor; the paper does not say which it used), "-" with one seed. Rows (finetune.py --tune): No
+Adaptation = none, Full Fine-Tuning = all, L1 Regularize = l1, Auto-SNR = auto_snr, Auto-RGN = auto_rgn;
+Cross-Val = for each (dataset, seed) the block among layer1/layer2/layer3/(layer4)/fc whose val_acc averaged
+over the column's corruptions is best (ties: that order), at its test_acc (PROTOCOL section 5). An extra row
+chooses per corruption instead. "All runs" lists every tune present, blocks and method variants (finetune.py's
+non-default method flags) included. Avg Rank: in each column with data, rank Full FT, L1, Auto-SNR and
+Auto-RGN by their means rounded as printed (1 = best, ties share the better rank), then average over the
+columns where the method has a value. A cell lacking some (corruption, seed) run that its column has for
+another method is marked * (not complete). Only *.json files are read: finetune.py's temp files
+(name.json.tmpPID) of killed runs never are.
 """
 import argparse
 import glob
@@ -25,14 +26,16 @@ import statistics
 from collections import Counter
 
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", "Entity-30": "entity30",
-           "CIFAR-F": "cifar_flip", "Waterbirds": "waterbirds", "CelebA": "celeba"}  # column -> finetune.py --data
+           # column -> finetune.py --data
+           "CIFAR-F": "cifar_flip", "Waterbirds": "waterbirds", "CelebA": "celeba"}
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all", "L1 Regularize": "l1",
         "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn", "Cross-Val per corruption (extra)": "crossval_c"}
 ROW_OF = {t: row for row, t in ROWS.items()}
 BLOCKS = ("layer1", "layer2", "layer3", "layer4", "fc")  # Cross-Val's candidates, in tie-break order (layer4:
 # ResNet-50's columns only)
 RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # the methods Avg Rank compares
-SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd", "lrs")
+SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd",
+        "lrs")
 
 
 def settings(r):
@@ -40,9 +43,9 @@ def settings(r):
 
 
 def load(folder):
-    """{(data, corruption, tune, seed): result} from folder/*.json, and notes on files it could not use. Per --data
-    the protocol's results (or, with none, the most common settings) fill the rows; a method variant or results of
-    other settings (finetune.py's "changed") get a tune of their own, e.g. "all[lrs=...]"."""
+    """{(data, corruption, tune, seed): result} from folder/*.json, and notes on files it could not use. Per
+    --data the protocol's results (or, with none, the most common settings) fill the rows; a method variant or
+    results of other settings (finetune.py's "changed") get a tune of their own, e.g. "all[lrs=...]"."""
     rs, notes = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
@@ -79,7 +82,8 @@ def load(folder):
 
 def cell(vals, n_expected):
     """vals {(corruption, seed): acc} -> (mean over seeds of each seed's mean over corruptions, sample std or
-    None, number of seeds, complete) or None when empty. complete: every expected (corruption, seed) is there."""
+    None, number of seeds, complete) or None when empty. complete: every expected (corruption, seed) is
+    there."""
     by_seed = {}
     for (_, s), v in vals.items():
         by_seed.setdefault(s, []).append(v)
@@ -91,9 +95,9 @@ def cell(vals, n_expected):
 
 def summarize(res):
     """The numbers behind both tables: {"cells": {(row, column): cell}, "fig2": {(block, column): cell},
-    "ranks": {row: avg rank or None}, "picks": {column: Counter of Cross-Val's blocks}, "grid": {column: (corruptions,
-    seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is every (corruption,
-    seed) any of its results has."""
+    "ranks": {row: avg rank or None}, "picks": {column: Counter of Cross-Val's blocks}, "grid": {column:
+    (corruptions, seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is
+    every (corruption, seed) any of its results has."""
     out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}}
     for col, data in COLUMNS.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (corruption, tune, seed) -> result
@@ -101,12 +105,13 @@ def summarize(res):
             continue
         grid = sorted({(c, s) for c, _, s in rs})
         out["grid"][col] = (sorted({c for c, _ in grid}), sorted({s for _, s in grid}))
-        acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t} for t in {k[1] for k in rs}}
+        acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t}
+               for t in {k[1] for k in rs}}
         blocks = [b for b in BLOCKS if b in acc]  # Cross-Val chooses among the blocks this column has
         acc["crossval"], acc["crossval_c"], picks = {}, {}, Counter()
         for s in sorted({s for _, s in grid}):  # PROTOCOL section 5: one block per (column, seed), by the val
-            # accuracy averaged over the column's corruptions that have every candidate (a part-done sweep: the
-            # cell is then marked incomplete)
+            # accuracy averaged over the column's corruptions that have every candidate (a part-done sweep:
+            # the cell is then marked incomplete)
             cs = [c for c, s_ in grid if s_ == s and all((c, b, s) in rs for b in blocks)]
             if blocks and cs:
                 mean_val = {b: sum(rs[(c, b, s)]["val_acc"] for c in cs) / len(cs) for b in blocks}
@@ -118,7 +123,8 @@ def summarize(res):
                 best = max(blocks, key=lambda b: (rs[(c, b, s)]["val_acc"], -blocks.index(b)))
                 acc["crossval_c"][(c, s)] = rs[(c, best, s)]["test_acc"]
         out["picks"][col] = picks
-        out["tunes"][col] = {tune: cell(a, len(grid)) for tune, a in acc.items() if not tune.startswith("crossval")}
+        out["tunes"][col] = {tune: cell(a, len(grid)) for tune, a in acc.items()
+                             if not tune.startswith("crossval")}
         for row, tune in ROWS.items():
             out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
         for b in BLOCKS:  # Figure 2: paired per (corruption, seed) differences to full fine-tuning
@@ -139,7 +145,8 @@ def fmt(c, sign=False):
     if c is None:
         return "-"
     mean, std, _, complete = c
-    return f"{mean:{'+' if sign else ''}.1f} ({'-' if std is None else f'{std:.1f}'}){'' if complete else '*'}"
+    spread = "-" if std is None else f"{std:.1f}"
+    return f"{mean:{'+' if sign else ''}.1f} ({spread}){'' if complete else '*'}"
 
 
 def render(res, notes, folder):
@@ -152,15 +159,20 @@ def render(res, notes, folder):
         r = s["ranks"].get(row)
         cells = [fmt(s["cells"][(row, c)]) if c in s["grid"] else "no data" for c in cols]
         lines.append(f"| {row} | {' | '.join(cells)} | {'-' if r is None else f'{r:.2f}'} |")
-    lines += ["", "std: sample standard deviation over seeds. * = not complete: some (corruption, seed) runs that "
+    lines += ["", "std: sample standard deviation over seeds. * = not complete: some (corruption, seed) runs "
+                  "that "
               "the column has for other methods are missing here; the cell averages what there is."]
     for col, (cs, seeds) in s["grid"].items():
-        picks = ", ".join(f"{b} x{n}" for b, n in sorted(s["picks"][col].items(), key=lambda x: BLOCKS.index(x[0])))
-        lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): {', '.join(cs)}; "
+        picks = ", ".join(f"{b} x{n}" for b, n in sorted(s["picks"][col].items(),
+                                                         key=lambda x: BLOCKS.index(x[0])))
+        lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): "
+                     f"{', '.join(cs)}; "
                      f"Cross-Val picked {picks or 'nothing'}")
     if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):
-        lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), selected on "
-                     "worst-group val accuracy; each result's test_avg_acc holds the average over the 4 groups.")
+        lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), selected "
+                     "on "
+                     "worst-group val accuracy; each result's test_avg_acc holds the average over the 4 "
+                     "groups.")
     for key in SAME:  # results of different protocols in one column would be averaged together: say so
         for col, data in COLUMNS.items():
             seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items()
@@ -170,14 +182,16 @@ def render(res, notes, folder):
     lines += [f"- warning: {n}" for n in notes]
     data_cols = [c for c in cols if c in s["grid"]]
     lines += ["", "## Each block relative to full fine-tuning (the paper's Figure 2 as numbers)", "",
-              "Accuracy minus Full Fine-Tuning's, per (corruption, seed), then as above; the last row is Full "
-              "Fine-Tuning itself.", "", f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1) + "|"]
+              "Accuracy minus Full Fine-Tuning's, per (corruption, seed), then as above; the last row is "
+              "Full "
+              "Fine-Tuning itself.", "", f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1)
+              + "|"]
     for b in BLOCKS + ("all",):
         lines.append(f"| {b if b != 'all' else 'all (absolute)'} | "
                      f"{' | '.join(fmt(s['fig2'][(b, c)], sign=b != 'all') for c in data_cols)} |")
     order = ("none",) + BLOCKS + ("all", "l1", "auto_snr", "auto_rgn")
-    tunes = sorted({t for c in data_cols for t in s["tunes"][c]}, key=lambda t: (order.index(t) if t in order
-                                                                                else len(order), t))
+    tunes = sorted({t for c in data_cols for t in s["tunes"][c]},
+                   key=lambda t: (order.index(t) if t in order else len(order), t))
     lines += ["", "## All runs: every tune, absolute (blocks, comma lists, method variants)", "",
               f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1) + "|"]
     for t in tunes:
@@ -185,7 +199,8 @@ def render(res, notes, folder):
     return "\n".join(lines + unsupervised(res) + versus_paper(s, res)) + "\n"
 
 
-# The paper's cells (Lee et al. 2023, Table 1 and the unsupervised table; PROTOCOL sections 7 and 9): (mean, std)
+# The paper's cells (Lee et al. 2023, Table 1 and the unsupervised table; PROTOCOL sections 7 and 9): (mean,
+# std)
 PAPER = {("No Adaptation", "CIFAR-C"): (52.6, 0), ("Cross-Val", "CIFAR-C"): (82.8, 0.6),
          ("Full Fine-Tuning", "CIFAR-C"): (79.9, 0.7), ("L1 Regularize", "CIFAR-C"): (81.7, 0.6),
          ("Auto-SNR", "CIFAR-C"): (80.9, 0.7), ("Auto-RGN", "CIFAR-C"): (81.4, 0.6),
@@ -205,13 +220,14 @@ def verdict(ours, paper):
 
 
 def versus_paper(s, res):
-    """Markdown lines: our CIFAR cells beside the paper's with a verdict each, and the paper's claims checked."""
+    """Markdown lines: our CIFAR cells beside the paper's with a verdict each, and the paper's claims
+    checked."""
     cols = [c for c in ("CIFAR-C", "CIFAR-F") if c in s["grid"]]
     if not cols:
         return []
+    head = " | ".join(f"{c} ours | {c} paper | verdict" for c in cols)
     lines = ["", "## Beside the paper (CIFAR columns)", "", "Reproduces = within 2 points or within the seed "
-             "spread (the larger std).", "", "| Method | " + " | ".join(f"{c} ours | {c} paper | verdict"
-                                                                       for c in cols) + " |",
+             "spread (the larger std).", "", f"| Method | {head} |",
              "|---" * (3 * len(cols) + 1) + "|"]
     for row in list(ROWS)[:6]:
         cells = []
@@ -224,27 +240,32 @@ def versus_paper(s, res):
         m, n = paired(res, COLUMNS[c], BLOCKS + ("all",))
         if want in m and len(m) > 1:
             best = max(m, key=m.get)
-            lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in m.items())}; {n} runs each); "
+            lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in m.items())}; {n} runs "
+                         "each); "
                          f"the paper: {want}, above every other block and full fine-tuning -> "
                          f"{'holds' if best == want else 'fails'}")
     for c in cols:
         m, n = paired(res, COLUMNS[c], ("auto_rgn", "all"))
         if len(m) == 2:
-            lines.append(f"- {c}: Auto-RGN {m['auto_rgn']:.1f} vs full fine-tuning {m['all']:.1f} ({n} runs each); the "
-                         f"paper: at or above -> {'holds' if round(m['auto_rgn'], 1) >= round(m['all'], 1) else 'fails'}")
+            lines.append(f"- {c}: Auto-RGN {m['auto_rgn']:.1f} vs full fine-tuning {m['all']:.1f} ({n} runs "
+                         "each); the "
+                         "paper: at or above -> "
+                         f"{'holds' if round(m['auto_rgn'], 1) >= round(m['all'], 1) else 'fails'}")
     m, n = paired(res, "cifar_c/memo", ("layer1", "all", "none", "fc"))
     if len(m) == 4:
         order = m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
-        lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none {m['none']:.1f}, fc {m['fc']:.1f} "
+        lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none {m['none']:.1f}, fc "
+                     f"{m['fc']:.1f} "
                      f"({n} corruptions); the paper: layer1 > all > none ~ fc (75.4 / 69.7 / 67.8 / 67.8) -> "
                      f"{'holds' if order else 'fails'}")
     return lines
 
 
 def paired(res, data, tunes):
-    """({tune: mean test accuracy}, n) over the (corruption, seed) pairs that every tune present has; tunes with
-    no result are left out."""
-    acc = {t: {(k[1], k[3]): r["test_acc"] for k, r in res.items() if k[0] == data and k[2] == t} for t in tunes}
+    """({tune: mean test accuracy}, n) over the (corruption, seed) pairs that every tune present has; tunes
+    with no result are left out."""
+    acc = {t: {(k[1], k[3]): r["test_acc"] for k, r in res.items() if k[0] == data and k[2] == t}
+           for t in tunes}
     acc = {t: a for t, a in acc.items() if a}
     common = set.intersection(*(set(a) for a in acc.values())) if acc else set()
     if not common:
@@ -252,27 +273,33 @@ def paired(res, data, tunes):
     return {t: sum(a[k] for k in common) / len(common) for t, a in acc.items()}, len(common)
 
 
-UNSUP_TUNES = ("none", "layer1", "layer1+layer2", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")  # row order
-UNSUP_NAMED = ("gaussian_noise", "jpeg_compression", "motion_blur")  # its columns after the mean, when present
+# row order
+UNSUP_TUNES = ("none", "layer1", "layer1+layer2", "layer2", "layer3", "layer4", "fc", "all", "auto_rgn")
+# its columns after the mean, when present
+UNSUP_NAMED = ("gaussian_noise", "jpeg_compression", "motion_blur")
 UNSUP_TITLES = {"memo": "MEMO per test image: AugMix copies, one SGD step, from the source every time "
                         "(--objective memo)",
                 "entropy": "entropy minimisation on the unlabelled target test stream (--objective entropy)"}
 
 
 def unsupervised(res):
-    """Markdown lines of the unsupervised tables (finetune.py --objective memo / entropy, cifar_c): a row per tune,
-    columns the mean over the corruptions present and the named ones, cells mean (std) over seeds; [] if none."""
+    """Markdown lines of the unsupervised tables (finetune.py --objective memo / entropy, cifar_c): a row per
+    tune, columns the mean over the corruptions present and the named ones, cells mean (std) over seeds; [] if
+    none."""
     lines = []
     for objective, title in UNSUP_TITLES.items():
-        rs = {k[1:]: r["test_acc"] for k, r in res.items() if k[0] == f"cifar_c/{objective}"}  # (c, tune, seed)
+        # (c, tune, seed)
+        rs = {k[1:]: r["test_acc"] for k, r in res.items() if k[0] == f"cifar_c/{objective}"}
         if not rs:
             continue
         grid = {(c, s) for c, _, s in rs}
         cs, tunes = sorted({c for c, _ in grid}), {t for _, t, _ in rs}
         every = sorted(c for c in cs if all((c, t, s) in rs for t in tunes for c_, s in grid if c_ == c))
         named = [c for c in UNSUP_NAMED if c in cs]
-        lines += ["", f"## Unsupervised: {title}", "", f"CIFAR-C accuracy (%) on the adapted images. \"paired\": "
-                  f"the mean over the {len(every)} corruption(s) every tune has ({', '.join(every) or 'none'}); "
+        lines += ["", f"## Unsupervised: {title}", "",
+                  "CIFAR-C accuracy (%) on the adapted images. \"paired\": "
+                  f"the mean over the {len(every)} corruption(s) every tune has "
+                  f"({', '.join(every) or 'none'}); "
                   f"\"all run\": over whatever each tune has of the {len(cs)} present ({', '.join(cs)}).", "",
                   f"| Tune | paired | all run | {' | '.join(named)} |", "|---" * (len(named) + 3) + "|"]
         for t in [t for t in UNSUP_TUNES if t in tunes] + sorted(tunes - set(UNSUP_TUNES)):

@@ -1,12 +1,12 @@
 """
-Source training: a model on the source distribution -> a checkpoint that finetune.py adapts (PROTOCOL section 2).
-CIFAR needs none (finetune.py --ckpt paper uses the paper's own); this is for your own source models.
+Source training: a model on the source distribution -> a checkpoint that finetune.py adapts (PROTOCOL section
+2). CIFAR needs none (finetune.py --ckpt paper uses the paper's own); this is for your own source models.
 
-    python train.py                                   # ResNet-26 on CIFAR-10, the paper checkpoint's recipe: SGD 0.1,
-                                                      # 75 epochs, lr x0.1 at 50 and 65 -> ckpt/source.pt
-    python train.py --small --data_dir ../shared/data/cifar10-sample --holdout 1017   # CPU scale: 15 epochs, 4,000
-    python train.py --data waterbirds --data_dir /data/waterbird_complete95_forest2water2   # ResNet-50 from ImageNet
-    python train.py --resume                          # continue an interrupted run from ckpt/source.pt.state
+    python train.py              # ResNet-26 on CIFAR-10, the paper checkpoint's recipe: SGD 0.1, 75 epochs,
+                                 # lr x0.1 at 50 and 65 -> ckpt/source.pt
+    python train.py --small      # CPU scale: 15 epochs on 4,000 images (--data_dir, --holdout: README)
+    python train.py --data waterbirds --data_dir /data/waterbird_complete95_forest2water2   # ResNet-50
+    python train.py --resume     # continue an interrupted run from ckpt/source.pt.state
 """
 import argparse
 import math
@@ -21,10 +21,10 @@ import data
 import model as M
 from checkpoints import save_checkpoint
 
-# Source-training recipes, keyed by flag name. cifar10: the paper's checkpoint (PROTOCOL section 2). The others: the
-# epochs of PROTOCOL section 8; SGD lr and wd are our choice for BREEDS (the paper does not give them) and the ERM
-# settings of Sagawa et al. 2020 for Waterbirds and CelebA, at a constant lr (milestones none). Milestones None: at
-# 2/3 and 13/15 of the epochs (50 and 65 of 75).
+# Source-training recipes, keyed by flag name. cifar10: the paper's checkpoint (PROTOCOL section 2). The
+# others: the epochs of PROTOCOL section 8; SGD lr and wd are our choice for BREEDS (the paper does not give
+# them) and the ERM settings of Sagawa et al. 2020 for Waterbirds and CelebA, at a constant lr (milestones
+# none). Milestones None: at 2/3 and 13/15 of the epochs (50 and 65 of 75).
 RECIPES = {
     "cifar10": dict(arch="resnet26", epochs=75, lr=0.1, wd=5e-4, milestones=None, data_dir="data"),
     "living17": dict(arch="resnet50", epochs=5, lr=0.01, wd=1e-4, milestones=None, data_dir="data/imagenet"),
@@ -34,38 +34,47 @@ RECIPES = {
     "celeba": dict(arch="resnet50", epochs=50, lr=1e-4, wd=1e-4, milestones="none", data_dir="data"),
 }
 # the settings a --resume must share with the interrupted run
-STATE_KEYS = ("data", "arch", "epochs", "milestones", "batch_size", "lr", "momentum", "wd", "seed", "limit", "holdout",
+STATE_KEYS = ("data", "arch", "epochs", "milestones", "batch_size", "lr", "momentum", "wd", "seed", "limit",
+              "holdout",
               "weights", "image_size", "data_dir")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="cifar10", choices=list(RECIPES), help="source dataset; picks the recipe")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.Help,
+                                usage="python train.py [--data D] [options]")
+    p.add_argument("--data", default="cifar10", choices=list(RECIPES),
+                   help="source dataset; picks the recipe")
     p.add_argument("--data_dir", help="the dataset's folder (default per --data: RECIPES; README)")
-    p.add_argument("--breeds_dir", default="data/breeds", help="living17, entity30: the BREEDS hierarchy files")
-    p.add_argument("--image_size", type=int, default=224, help="ImageNet family: resize and center-crop to this")
+    p.add_argument("--breeds_dir", default="data/breeds",
+                   help="living17, entity30: the BREEDS hierarchy files")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="ImageNet family: resize and center-crop to this")
     p.add_argument("--cache_dir", default="data/cache", help="where decoded tensors are cached")
-    p.add_argument("--holdout", type=int, default=0, help="keep the last N CIFAR training images out of training "
-                   "(they join finetune.py's target pool)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="keep the last N CIFAR training images out of training (they join finetune.py's "
+                        "target pool)")
     p.add_argument("--limit", type=int, default=0, help="train on at most this many images (0 = all)")
     p.add_argument("--small", action="store_true", help="CPU scale: 15 epochs on at most 4,000 images")
     p.add_argument("--epochs", type=int, help="default: the recipe's (cifar10 75, --small 15)")
-    p.add_argument("--milestones", help="epochs where lr drops x0.1, or none (default: at 2/3 and 13/15 of the "
-                   "epochs, or the recipe's none)")
+    p.add_argument("--milestones",
+                   help="epochs where lr drops x0.1, or none (default: at 2/3 and 13/15 of the epochs, or "
+                        "the recipe's none)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, help="SGD lr (default: the recipe's)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, help="SGD's coupled weight decay (default: the recipe's)")
     p.add_argument("--arch", choices=sorted(M.ARCHS), help="default: the recipe's")
-    p.add_argument("--weights", default="imagenet", choices=["imagenet", "none"], help="resnet50's start: "
-                   "torchvision's ImageNet weights (downloaded once) or random (default: %(default)s)")
+    p.add_argument("--weights", default="imagenet", choices=["imagenet", "none"],
+                   help="resnet50's start: torchvision's ImageNet weights (downloaded once) or random "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     p.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU too (faster with AMX)")
-    p.add_argument("--out", default="ckpt/source.pt", help="checkpoint path, written atomically (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run that <out>.state holds (written after "
-                   "every epoch); the result equals an uninterrupted run's")
+    p.add_argument("--out", default="ckpt/source.pt", help="checkpoint path, written atomically")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run that <out>.state holds (written after every epoch); the result "
+                        "equals an uninterrupted run's")
     args = p.parse_args(argv)
     recipe = RECIPES[args.data]
     if args.small:  # defaults at CPU scale; flags given explicitly still win
@@ -95,7 +104,8 @@ def source_data(args):
         xtr, ytr = (xtr[:args.limit], ytr[:args.limit]) if args.limit else (xtr, ytr)
         return (xtr, ytr), d["test"], 10  # clean test split: the paper's source accuracy
     from family import family_source
-    d, k = family_source(args.data, args.data_dir, args.breeds_dir, args.image_size, args.cache_dir, args.limit)
+    d, k = family_source(args.data, args.data_dir, args.breeds_dir, args.image_size, args.cache_dir,
+                         args.limit)
     return d["train"], d["test"], k
 
 
@@ -116,10 +126,13 @@ def train(args):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     g = torch.Generator(device=xtr.device).manual_seed(args.seed)
     pad = xtr.shape[-1] // 8  # crop padding: 4 px at 32 (the CIFAR recipe), 28 at 224
-    print(f"source training ({args.data}, {args.arch}{', from ImageNet weights' if weights else ''}): {len(xtr):,d} "
-          f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} (x0.1 at {args.milestones}), wd "
+    print(f"source training ({args.data}, {args.arch}{', from ImageNet weights' if weights else ''}): "
+          f"{len(xtr):,d} "
+          f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} (x0.1 at {args.milestones}), "
+          "wd "
           f"{args.wd}, {sum(p.numel() for p in raw.parameters()):,d} parameters")
-    # everything the next epoch depends on, saved after each: weights, optimizer, schedule, both random streams
+    # everything the next epoch depends on, saved after each: weights, optimizer, schedule, both random
+    # streams
     st, config = f"{args.out}.state", {k: getattr(args, k) for k in STATE_KEYS}
     first, before, test_acc = 1, 0.0, math.nan
     if os.path.isfile(st) and not args.resume:
@@ -127,7 +140,8 @@ def train(args):
     elif os.path.isfile(st):
         s = torch.load(st, map_location=dev, weights_only=True)
         if s["config"] != config:
-            raise SystemExit(f"error: {st} was written with other settings ({s['config']}); delete it or run without "
+            raise SystemExit(f"error: {st} was written with other settings ({s['config']}); delete it or run "
+                             "without "
                              f"--resume")
         raw.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
@@ -145,22 +159,27 @@ def train(args):
             with C.autocast(dev):
                 out = net(xb)
                 loss = F.cross_entropy(out.float(), yb)
-            # checked before the update: a NaN never reaches the weights; one sync a step, cheap at these sizes
-            tot += C.finite(loss, f"epoch {epoch}, lr {sched.get_last_lr()[0]:g}", "Try a smaller --lr.") * len(yb)
+            # checked before the update: a NaN never reaches the weights; one sync a step, cheap at these
+            # sizes
+            tot += C.finite(loss, f"epoch {epoch}, lr {sched.get_last_lr()[0]:g}",
+                            "Try a smaller --lr.") * len(yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             correct += (out.argmax(1) == yb).sum().item()
         sched.step()
         ips = len(xtr) / (time.time() - te)
-        scored = xte is not None and (epoch == args.epochs or epoch % 5 == 0 or epoch == 1)  # test costs a while
+        # test costs a while
+        scored = xte is not None and (epoch == args.epochs or epoch % 5 == 0 or epoch == 1)
         test_acc = C.evaluate(net, xte, yte)[0] if scored else test_acc  # the last scored value
         el = time.time() - t0
         C.atomic_save({"config": config, "epoch": epoch, "model": raw.state_dict(), "opt": opt.state_dict(),
                        "sched": sched.state_dict(), "gen": g.get_state(), "rng": torch.get_rng_state(),
                        "seconds": el, "test_acc": test_acc}, st)
-        print(f"epoch {epoch:3d}/{args.epochs} | loss {tot / len(xtr):.3f} | train {100 * correct / len(xtr):5.1f}% | "
-              f"test {f'{test_acc:5.1f}%' if scored else '  -   '} | {ips:,.0f} img/s | {C.fmt_time(el)} elapsed, "
+        print(f"epoch {epoch:3d}/{args.epochs} | loss {tot / len(xtr):.3f} | train "
+              f"{100 * correct / len(xtr):5.1f}% | "
+              f"test {f'{test_acc:5.1f}%' if scored else '  -   '} | {ips:,.0f} img/s | {C.fmt_time(el)} "
+              "elapsed, "
               f"ETA {C.fmt_time(el / epoch * (args.epochs - epoch))}")
     metrics = {"test_acc": None if math.isnan(test_acc) else test_acc, "train_images": len(xtr),
                "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev)}

@@ -3,18 +3,20 @@ Label-free adaptation on the target test images (PROTOCOL section 9), finetune.p
 Only images come in; the labels are read once, after every prediction is made, to score them.
 
 MEMO (Zhang, Levine, Finn 2022) as the paper ran it for its unsupervised table: for every test image, from the
-source weights (episodic), 32 AugMix copies, one plain SGD step at lr 0.005 on the entropy of their mean prediction,
-then predict the original image. Surgically, only the --tune block takes the step.
-    python finetune.py --objective memo --tune layer1          # one row of the table: 15 corruptions, severity 5
+source weights (episodic), 32 AugMix copies, one plain SGD step at lr 0.005 on the entropy of their mean
+prediction, then predict the original image. Surgically, only the --tune block takes the step.
+    python finetune.py --objective memo --tune layer1          # one row: 15 corruptions, severity 5
     python finetune.py --objective memo --tune layer1+layer2   # "first two blocks"
-The AugMix is MEMO's CIFAR one (after Hendrycks et al. 2020): a random crop (zero pad 4) + flip; 3 chains of 1-3 ops
-drawn from 9, each at severity 1 of 10 (magnitude uniform in [0.1, 1] x the op's range / 10); Dirichlet(1, 1, 1)
-chain weights and a Beta(1, 1) mix with the cropped image. torchvision's AugMix draws magnitudes from bins and at
-severity 1 its geometric ops are the identity, so the ops are written here, batched over all copies at once.
+The AugMix is MEMO's CIFAR one (after Hendrycks et al. 2020): a random crop (zero pad 4) + flip; 3 chains of
+1-3 ops drawn from 9, each at severity 1 of 10 (magnitude uniform in [0.1, 1] x the op's range / 10);
+Dirichlet(1, 1, 1) chain weights and a Beta(1, 1) mix with the cropped image. torchvision's AugMix draws
+magnitudes from bins and at severity 1 its geometric ops are the identity, so the ops are written here,
+batched over all copies at once.
 
-TENT-style stream (Wang et al. 2021): the test split in a seeded order, in batches; each batch is predicted, then
-drives Adam steps on the prediction entropy (continual), or the model restarts from the source for each batch
-(--episodic). --ent_copies N: the entropy of each image's mean prediction over N crop+flip copies instead.
+TENT-style stream (Wang et al. 2021): the test split in a seeded order, in batches; each batch is predicted,
+then drives Adam steps on the prediction entropy (continual), or the model restarts from the source for each
+batch (--episodic). --ent_copies N: the entropy of each image's mean prediction over N crop+flip copies
+instead.
     python finetune.py --objective entropy --tune layer1
 """
 import copy
@@ -26,65 +28,75 @@ import torch.nn.functional as F
 
 import model as M
 import rgn
-from common import autocast, evaluate, finite, fmt_time
+from common import autocast, evaluate, finite, fmt_time, prefix
 from data import crop_flip
 
 
 def add_args(p):
-    g = p.add_argument_group("label-free adaptation (--objective memo | entropy; README: Unsupervised adaptation)")
-    g.add_argument("--objective", default="ce", choices=["ce", "memo", "entropy"], help="ce: supervised "
-                   "fine-tuning; memo, entropy: on the unlabelled test split")
+    g = p.add_argument_group("label-free adaptation (--objective memo | entropy; README: Unsupervised "
+                             "adaptation)")
+    g.add_argument("--objective", default="ce", choices=["ce", "memo", "entropy"],
+                   help="ce: supervised fine-tuning; memo, entropy: on the unlabelled test split")
     g.add_argument("--memo_copies", type=int, default=32, help="memo: AugMix copies per test image")
-    g.add_argument("--memo_lr", type=float, default=0.005, help="memo: the plain SGD step's lr (MEMO's CIFAR value)")
-    # TENT's CIFAR setting (cfgs/tent.yaml): Adam 1e-3, no weight decay, one step per batch (of 200 there). One lr
-    # for every --tune, fc too: without labels there is no validation to choose it on.
+    g.add_argument("--memo_lr", type=float, default=0.005,
+                   help="memo: the plain SGD step's lr (MEMO's CIFAR value)")
+    # TENT's CIFAR setting (cfgs/tent.yaml): Adam 1e-3, no weight decay, one step per batch (of 200 there).
+    # One lr for every --tune, fc too: without labels there is no validation to choose it on.
     g.add_argument("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr, no weight decay")
     g.add_argument("--ent_steps", type=int, default=1, help="entropy: Adam steps per stream batch")
     g.add_argument("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
     g.add_argument("--episodic", action="store_true", help="entropy: restart from the source for every batch")
-    g.add_argument("--ent_copies", type=int, default=0, help="entropy: N > 0 = marginal entropy over N crop+flip "
-                   "copies of each image")
+    g.add_argument("--ent_copies", type=int, default=0,
+                   help="entropy: N > 0 = marginal entropy over N crop+flip copies of each image")
 
 
 def check(args, methods):
     """One line and exit for settings the label-free objectives cannot run."""
     if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.ent_copies < 0
                                         or min(args.ent_steps, args.ent_batch_size) < 1 or args.ent_lr < 0):
-        raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --ent_copies, --ent_lr "
+        raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --ent_copies, "
+                         "--ent_lr "
                          ">= 0 and a --tune other than auto_snr / l1 (they score or select with labels)")
     if args.objective == "memo" and (args.tune in methods or args.data != "cifar_c" or args.memo_copies < 1
                                      or not (math.isfinite(args.memo_lr) and args.memo_lr > 0)):
-        raise SystemExit("error: --objective memo needs --data cifar_c, --memo_copies >= 1, --memo_lr > 0 and a "
-                         "block or prefix list as --tune (the automatic methods select with labels or over epochs)")
+        raise SystemExit("error: --objective memo needs --data cifar_c, --memo_copies >= 1, --memo_lr > 0 "
+                         "and a "
+                         "block or prefix list as --tune (the automatic methods select with labels or over "
+                         "epochs)")
 
 
 def describe(args, dev):
     if args.objective == "memo":
-        return (f"MEMO: per test image (order: seed {args.seed}), from the source weights, {args.memo_copies} AugMix "
-                f"copies, one SGD step at lr {args.memo_lr:g} on the entropy of their mean prediction; no label read")
+        return (f"MEMO: per test image (order: seed {args.seed}), from the source weights, "
+                f"{args.memo_copies} AugMix "
+                f"copies, one SGD step at lr {args.memo_lr:g} on the entropy of their mean prediction; no "
+                "label read")
     return (f"entropy stream (order: seed {args.seed}), batches of {args.ent_batch_size}, " +
-            ("each adapted from the source, then predicted" if args.episodic else "each predicted, then adapted on")
+            ("each adapted from the source, then predicted" if args.episodic else
+             "each predicted, then adapted on")
             + f"; {args.ent_steps} Adam step(s) at lr {args.ent_lr:g} on the " +
-            (f"marginal entropy over {args.ent_copies} crop+flip copies" if args.ent_copies else "prediction entropy")
+            (f"marginal entropy over {args.ent_copies} crop+flip copies" if args.ent_copies else
+             "prediction entropy")
             + f", BatchNorm {args.bn} mode; no label read")
 
 
 def run(args, source, names, test, clean, k, acc_before, log=print):
-    """The test split (x, y[, groups]) in a --seed order, adapted on without its labels (a stream, or per image
-    for memo), then scored. k: stages computed once before the stream (0 for memo and copies: they augment
-    images). Returns (history [{"lr", "lambda": None, "stream": per-batch records}], selection, source accuracy of
-    the model the stream left: memo's every image starts from the source again)."""
+    """The test split (x, y[, groups]) in a --seed order, adapted on without its labels (a stream, or per
+    image for memo), then scored. k: stages computed once before the stream (0 for memo and copies: they
+    augment images). Returns (history [{"lr", "lambda": None, "stream": per-batch records}], selection, source
+    accuracy of the model the stream left: memo's every image starts from the source again)."""
     x, y = test[:2]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed)).to(x.device)
     net = copy.deepcopy(source)
     if args.objective == "memo":
         preds, stream = memo(net, names, x[order], args, log=log)
     else:
-        preds, stream = adapt_stream(net, names, M.prefix(source, x[order], k), args, start=k, log=log)
+        preds, stream = adapt_stream(net, names, prefix(source, x[order], k), args, start=k, log=log)
     hit = (preds == y[order]).float() * 100  # the scoring, the only place labels are read
     for b, h in zip(stream, hit.split([b["n"] for b in stream])):
         b["acc"] = h.mean().item()
-    acc, source_acc, lr = hit.mean().item(), acc_before, args.memo_lr if args.objective == "memo" else args.ent_lr
+    acc, source_acc = hit.mean().item(), acc_before
+    lr = args.memo_lr if args.objective == "memo" else args.ent_lr
     if names and clean and args.objective != "memo":
         source_acc = evaluate(net, *clean)[0]
     sel = {"lr": lr, "lambda": None, "epoch": None, "val_acc": None, "test_acc": acc}
@@ -95,8 +107,8 @@ def run(args, source, names, test, clean, k, acc_before, log=print):
 # the TENT-style stream
 
 def entropy(logits, n_aug=0):
-    """Mean entropy (nats) of the softmax of (B, C) logits: TENT's loss. n_aug > 0: the rows are n_aug copy-major
-    blocks of the same images, scored by the entropy of each image's mean prediction."""
+    """Mean entropy (nats) of the softmax of (B, C) logits: TENT's loss. n_aug > 0: the rows are n_aug
+    copy-major blocks of the same images, scored by the entropy of each image's mean prediction."""
     logp = logits.float().log_softmax(1)
     if n_aug:
         logp = logp.view(n_aug, -1, logp.shape[1]).logsumexp(0) - math.log(n_aug)  # log mean softmax, (B, C)
@@ -112,9 +124,9 @@ def predict(model, x, start=0):
 
 
 def adapt_stream(model, names, x, args, start=0, log=print):
-    """Entropy minimisation of the named parameters of model (in place) over the stream x (images when start == 0,
-    else stage-`start` activations) in order. Returns (predictions (N,), [{"batch", "n", "entropy" of the scored
-    predictions, "seconds"}])."""
+    """Entropy minimisation of the named parameters of model (in place) over the stream x (images when start
+    == 0, else stage-`start` activations) in order. Returns (predictions (N,), [{"batch", "n", "entropy" of
+    the scored predictions, "seconds"}])."""
     params = M.freeze_except(model, names)
     src, opt, g = [p.detach().clone() for p in params], None, torch.Generator(x.device).manual_seed(args.seed)
 
@@ -136,7 +148,8 @@ def adapt_stream(model, names, x, args, start=0, log=print):
             pred, ent = predict(model, xb, start)
         for _ in range(args.ent_steps if names else 0):
             model.train(args.bn == "train")  # TENT proper on a BatchNorm net: --bn train (batch statistics)
-            xa = torch.cat([crop_flip(xb, generator=g) for _ in range(args.ent_copies)]) if args.ent_copies else xb
+            xa = torch.cat([crop_flip(xb, generator=g)
+                            for _ in range(args.ent_copies)]) if args.ent_copies else xb
             with autocast(x.device):
                 loss = entropy(model(xa, start=start), args.ent_copies)
             finite(loss, f"stream batch {i + 1}", "Try a smaller --ent_lr.")
@@ -149,7 +162,8 @@ def adapt_stream(model, names, x, args, start=0, log=print):
         stream.append({"batch": i, "n": len(xb), "entropy": ent, "seconds": time.time() - t0})
         if (i + 1) % max(nb // 10, 1) == 0 or i + 1 == nb:  # about ten lines a stream
             el = time.time() - t0
-            log(f"  stream {i + 1}/{nb} | entropy {ent:.3f} | {fmt_time(el)}, ETA {fmt_time(el / (i + 1) * (nb - i - 1))}")
+            log(f"  stream {i + 1}/{nb} | entropy {ent:.3f} | {fmt_time(el)}, ETA "
+                f"{fmt_time(el / (i + 1) * (nb - i - 1))}")
     return torch.cat(preds), stream
 
 
@@ -171,15 +185,17 @@ def _level(n, gen):  # MEMO's rand_lvl(1): uniform(0.1, 1), a magnitude on the 0
 def autocontrast(x, gen):  # per image and channel: stretch [min, max] to [0, 255], PIL's arithmetic (float64)
     lo, hi = x.amin((2, 3), keepdim=True).double(), x.amax((2, 3), keepdim=True).double()
     scale = 255 / (hi - lo).clamp_min(1)
-    out = (x * scale - lo * scale).clamp(0, 255).to(torch.uint8)  # int() truncates, as PIL's lookup table does
+    # int() truncates, as PIL's lookup table does
+    out = (x * scale - lo * scale).clamp(0, 255).to(torch.uint8)
     return torch.where(hi > lo, out, x)
 
 
 def equalize(x, gen):
-    """PIL's ImageOps.equalize per image and channel, batched: a lookup table from each histogram's cumulative sum,
-    with step = (pixels - count of the last used level) // 255; step 0 leaves the channel as it is."""
+    """PIL's ImageOps.equalize per image and channel, batched: a lookup table from each histogram's cumulative
+    sum, with step = (pixels - count of the last used level) // 255; step 0 leaves the channel as it is."""
     flat = x.reshape(-1, x.shape[2] * x.shape[3]).long()  # (N*C, H*W)
-    hist = torch.zeros(len(flat), 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    hist = torch.zeros(len(flat), 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))  # (N*C, 256) histograms
     last = hist.gather(1, flat.amax(1, keepdim=True))  # count of the highest level present, (N*C, 1)
     step = (flat.shape[1] - last) // 255
     lut = ((hist.cumsum(1) - hist + step // 2) // step.clamp_min(1)).clamp_max(255)
@@ -197,11 +213,13 @@ def solarize(x, gen):  # invert pixels >= 256 - int(level * 256 / 10), i.e. >= 2
 
 
 def _affine(x, theta):
-    """Bilinear resampling of uint8 (N,3,H,W) by (N,2,3) maps from output to input in normalised coordinates, as
-    PIL's transform(..., BILINEAR, fillcolor=128) in MEMO: on an RGB image that fill is (128, 0, 0), dark red."""
+    """Bilinear resampling of uint8 (N,3,H,W) by (N,2,3) maps from output to input in normalised coordinates,
+    as PIL's transform(..., BILINEAR, fillcolor=128) in MEMO: on an RGB image that fill is (128, 0, 0), dark
+    red."""
     fill = torch.tensor([128.0, 0.0, 0.0], device=x.device).view(1, 3, 1, 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    out = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False) + fill
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -237,7 +255,8 @@ def augmix(x, gen, width=3):
     """AugMix copies of uint8 images x (N,3,H,W): float (N,3,H,W) in the model's normalised input space."""
     x = crop_flip(x, 4, gen)
     n, norm = len(x), (lambda im: im.float() / 127.5 - 1.0)  # the model's (x / 255 - 0.5) / 0.5
-    w = -_uniform(n * width, gen).clamp_min(1e-12).log().view(n, width)  # Exp(1) draws, normalised: Dirichlet(1..)
+    # Exp(1) draws, normalised: Dirichlet(1..)
+    w = -_uniform(n * width, gen).clamp_min(1e-12).log().view(n, width)
     w, m = w / w.sum(1, keepdim=True), _uniform(n, gen).view(n, 1, 1, 1)  # Beta(1, 1) = uniform
     mix = torch.zeros(x.shape, device=x.device)
     for i in range(width):
@@ -259,9 +278,9 @@ def marginal_entropy(logits):
 
 
 def memo(model, names, x, args, log=print, chunk=32):
-    """Predictions (N,) for uint8 images x: each by the source model after one SGD step (lr args.memo_lr) on the
-    marginal entropy of args.memo_copies AugMix copies of that image, taken by the named parameters only, then
-    undone. Also per-chunk records {"batch", "n" images, "entropy" (mean loss), "seconds"}."""
+    """Predictions (N,) for uint8 images x: each by the source model after one SGD step (lr args.memo_lr) on
+    the marginal entropy of args.memo_copies AugMix copies of that image, taken by the named parameters only,
+    then undone. Also per-chunk records {"batch", "n" images, "entropy" (mean loss), "seconds"}."""
     params = M.freeze_except(model, names)
     src = [p.detach().clone() for p in params]
     gen = torch.Generator(device=x.device).manual_seed(args.seed)
@@ -288,5 +307,6 @@ def memo(model, names, x, args, log=print, chunk=32):
                         "seconds": el})
         done, n = sum(r["n"] for r in records), math.ceil(len(x) / chunk)
         if (c + 1) % max(n // 10, 1) == 0 or c + 1 == n:  # about ten lines a corruption
-            log(f"  memo {done}/{len(x)} images | {fmt_time(el)}, ETA {fmt_time(el / done * (len(x) - done))}")
+            eta = fmt_time(el / done * (len(x) - done))
+            log(f"  memo {done}/{len(x)} images | {fmt_time(el)}, ETA {eta}")
     return torch.cat(preds), records

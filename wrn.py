@@ -1,6 +1,6 @@
 """
-RobustBench's WideResNet-28-10 for CIFAR-10, with its parameter names, so its "Standard" checkpoint (the model the
-authors' released code fine-tunes on CIFAR-10-C; RobustBench downloads it as Standard.pt) loads as it is.
+RobustBench's WideResNet-28-10 for CIFAR-10, with its parameter names, so its "Standard" checkpoint (the model
+the authors' released code fine-tunes on CIFAR-10-C; RobustBench downloads it as Standard.pt) loads as it is.
 BatchNorm (finetune.py keeps it in eval mode: --bn eval); inputs in [0, 1], no normalisation, as RobustBench's
 models take them. 36,479,194 parameters. Its blocks are in model.BLOCKS["wrn28_10"].
 
@@ -65,13 +65,14 @@ class WideResNet28(Staged):
 
 
 def load_robustbench(state):
-    """A RobustBench WideResNet state dict ({"state_dict": ...} or bare, "module." prefixes allowed) -> the model;
-    None when the keys are not that network's."""
+    """A RobustBench WideResNet state dict ({"state_dict": ...} or bare, "module." prefixes allowed) -> the
+    model; None when the keys are not that network's."""
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "block1.layer.0.conv1.weight" not in state:
         return None
-    n = len({k.split(".")[2] for k in state if k.startswith("block1.layer.")})  # units per block: depth = 6n + 4
+    # units per block: depth = 6n + 4
+    n = len({k.split(".")[2] for k in state if k.startswith("block1.layer.")})
     width = state["block1.layer.0.conv1.weight"].shape[0] // 16
     model = WideResNet28(state["fc.weight"].shape[0], depth=6 * n + 4, width=width)
     model.load_state_dict(state)

@@ -2,6 +2,7 @@
 busy 2-core machine spend more time waiting on each other than computing."""
 import os
 
+
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
@@ -18,8 +19,8 @@ from tinydata import narrow_resnet26, write_cifar  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small_net():
-    """Every ResNet-26 built while it is active (train.py, load_checkpoint, finetune.py) is tinydata's narrow one;
-    a module opts in with pytestmark = pytest.mark.usefixtures("small_net")."""
+    """Every ResNet-26 built while it is active (train.py, load_checkpoint, finetune.py) is tinydata's narrow
+    one; a module opts in with pytestmark = pytest.mark.usefixtures("small_net")."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(M.ARCHS, "resnet26", narrow_resnet26)
         yield
@@ -27,8 +28,8 @@ def small_net():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, small_net):
-    """A tiny CIFAR folder (160 train, 60 test; 120 images = 12 per class in the pool) and a 1-epoch source trained
-    with a holdout of 60: (folder, checkpoint path)."""
+    """A tiny CIFAR folder (160 train, 60 test; 120 images = 12 per class in the pool) and a 1-epoch source
+    trained with a holdout of 60: (folder, checkpoint path)."""
     root = tmp_path_factory.mktemp("cifar")
     write_cifar(root, train_sizes=(80, 80), test_size=60)
     ckpt = str(root / "src.pt")

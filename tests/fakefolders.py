@@ -1,18 +1,23 @@
-"""Tiny fake datasets in the on-disk layouts data.py reads for the ImageNet family: the ImageNet-C release, ImageNet
-in the ImageFolder layout with the three BREEDS hierarchy files, Waterbirds and CelebA. The images are small
-40x48 JPEGs (not square, so the loaders resize and crop them) whose colour carries the class, so a net could learn
-them; everything is deterministic. Each builder returns what a test needs to know about what it wrote."""
+"""Tiny fake datasets in the on-disk layouts data.py reads for the ImageNet family: the ImageNet-C release,
+ImageNet in the ImageFolder layout with the three BREEDS hierarchy files, Waterbirds and CelebA. The images
+are small 40x48 JPEGs (not square, so the loaders resize and crop them) whose colour carries the class, so a
+net could learn them; everything is deterministic. Each builder returns what a test needs to know about what
+it wrote."""
 import json
 import os
 
 import torch
 
+
 H, W = 40, 48  # px
 
-CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+                "Black_Hair "
                 "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair "
-                "Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face "
-                "Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair "
+                "Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+                "Oval_Face "
+                "Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+                "Wavy_Hair "
                 "Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
 
 
@@ -23,8 +28,9 @@ def colour(label):
 
 
 def write_image(path, label, seed=0, background=None, h=H, w=W):
-    """Write a JPEG (or a lossless PNG when path ends in .png): the colour of `label` with mild seeded noise, inside
-    an 8 px border of the colour of `background` when given. Returns the uint8 (3,h,w) image before encoding."""
+    """Write a JPEG (or a lossless PNG when path ends in .png): the colour of `label` with mild seeded noise,
+    inside an 8 px border of the colour of `background` when given. Returns the uint8 (3,h,w) image before
+    encoding."""
     from torchvision.io import write_jpeg, write_png
     g = torch.Generator().manual_seed(seed)
     x = colour(label).long()[:, None, None] + torch.randint(-12, 13, (3, h, w), generator=g)
@@ -38,11 +44,13 @@ def write_image(path, label, seed=0, background=None, h=H, w=W):
     return x
 
 
-def make_imagenet_c(root, corruptions=("fog", "snow"), severities=(5,), wnids=("n03000002", "n01000001", "n02000003"),
+def make_imagenet_c(root, corruptions=("fog", "snow"), severities=(5,), wnids=("n03000002", "n01000001",
+                                                                               "n02000003"),
                     per_class=6):
-    """<root>/<corruption>/<severity>/<wnid>/ILSVRC2012_val_<8 digits>.JPEG, per_class images per wnid, with the
-    same file names under every corruption and severity (as in the release); every third one ends in lower-case
-    .jpeg. Colour = the wnid's position in sorted(wnids) (the label the loader gives). Returns {wnid: [names]}."""
+    """<root>/<corruption>/<severity>/<wnid>/ILSVRC2012_val_<8 digits>.JPEG, per_class images per wnid, with
+    the same file names under every corruption and severity (as in the release); every third one ends in
+    lower-case .jpeg. Colour = the wnid's position in sorted(wnids) (the label the loader gives). Returns
+    {wnid: [names]}."""
     files = {}
     for k, w in enumerate(sorted(wnids)):
         files[w] = [f"ILSVRC2012_val_{k * per_class + j + 1:08d}" + (".jpeg" if j % 3 == 2 else ".JPEG")
@@ -57,8 +65,8 @@ def make_imagenet_c(root, corruptions=("fog", "snow"), severities=(5,), wnids=("
 
 def make_imagenet(root, wnids, n_train=4, n_val=2, label_of=None):
     """ImageNet in the ImageFolder layout: <root>/train/<wnid>/<wnid>_<j>.JPEG (n_train each) and
-    <root>/val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG (n_val each). Colour = label_of[wnid] (default: the wnid's
-    position in wnids). Returns root."""
+    <root>/val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG (n_val each). Colour = label_of[wnid] (default: the
+    wnid's position in wnids). Returns root."""
     for k, w in enumerate(wnids):
         label = k if label_of is None else label_of[w]
         for j in range(n_train):
@@ -69,10 +77,10 @@ def make_imagenet(root, wnids, n_train=4, n_val=2, label_of=None):
     return root
 
 
-# A small BREEDS hierarchy (parent, child). Root n00001740 (level 0) -> physical (1) -> living n00004258 (2) ->
-# organism (3) -> A, B (4) -> superclasses (5). S3 hangs under B (level 5) and also directly under organism
-# (level 4): only the longest-path rule puts it at level 5. S1 has a single child T (and a dead-end branch D with
-# no ImageNet class below it, pruned), so its split is drawn from the leaves under T's children U1, U2.
+# A small BREEDS hierarchy (parent, child). Root n00001740 (level 0) -> physical (1) -> living n00004258 (2)
+# -> organism (3) -> A, B (4) -> superclasses (5). S3 hangs under B (level 5) and also directly under organism
+# (level 4): only the longest-path rule puts it at level 5. S1 has a single child T (and a dead-end branch D
+# with no ImageNet class below it, pruned), so its split is drawn from the leaves under T's children U1, U2.
 _NODES = {"physical": "n10000001", "abstract": "n10000002", "organism": "n10000003", "A": "n10000004",
           "B": "n10000005", "S1": "n10000011", "S2": "n10000012", "S3": "n10000013", "S4": "n10000014",
           "T": "n10000021", "U1": "n10000022", "U2": "n10000023", "D": "n10000029", "X2": "n10000006",
@@ -85,10 +93,10 @@ _LEAVES = {"U1": 3, "U2": 2, "S2": 4, "S3": 4, "S4": 3, "B": 1, "X5": 4}  # Imag
 
 
 def make_breeds_info(info_dir):
-    """Write dataset_class_info.json, class_hierarchy.txt and node_names.txt of the small hierarchy above. Returns
-    {"leaves": all leaf wnids, "living17" / "entity30": {"superclasses": wnids in label order, "leaves": {superclass:
-    sorted leaf wnids}, "names": [...]}}: living17 finds S1, S2, S3 (S4 has 3 < 4 leaves; X5 is not living),
-    entity30 finds A (9 leaves) and B (8)."""
+    """Write dataset_class_info.json, class_hierarchy.txt and node_names.txt of the small hierarchy above.
+    Returns {"leaves": all leaf wnids, "living17" / "entity30": {"superclasses": wnids in label order,
+    "leaves": {superclass: sorted leaf wnids}, "names": [...]}}: living17 finds S1, S2, S3 (S4 has 3 < 4
+    leaves; X5 is not living), entity30 finds A (9 leaves) and B (8)."""
     leaves, edges = {}, [(_NODES[p], _NODES[c]) for p, c in _EDGES]
     n = 0
     for node, count in _LEAVES.items():
@@ -114,16 +122,18 @@ def make_breeds_info(info_dir):
 
 
 def _rows(counts, seed):
-    """(split, y, a) per image: counts[split] = images of groups g = 2*y + a = 0..3; shuffled, deterministic."""
+    """(split, y, a) per image: counts[split] = images of groups g = 2*y + a = 0..3; shuffled,
+    deterministic."""
     rows = [(k, g // 2, g % 2) for k, split in enumerate(("train", "val", "test")) for g in range(4)
             for _ in range(counts[split][g])]
-    return [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return [rows[i] for i in torch.randperm(len(rows),
+                                            generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
 def make_waterbirds(root, counts=None):
-    """The released Waterbirds folder: <root>/metadata.csv (img_id, img_filename, y, split, place, place_filename)
-    and <root>/<species>/<file>.jpg. counts = {"train"|"val"|"test": images per group 0..3 (g = 2*y + place)}.
-    Returns the rows written as dicts with img_filename and int y, split, place."""
+    """The released Waterbirds folder: <root>/metadata.csv (img_id, img_filename, y, split, place,
+    place_filename) and <root>/<species>/<file>.jpg. counts = {"train"|"val"|"test": images per group 0..3 (g
+    = 2*y + place)}. Returns the rows written as dicts with img_filename and int y, split, place."""
     counts = counts or {"train": (4, 2, 2, 4), "val": (6, 6, 6, 6), "test": (3, 3, 3, 3)}
     out = []
     for i, (split, y, place) in enumerate(_rows(counts, seed=1)):
@@ -138,9 +148,10 @@ def make_waterbirds(root, counts=None):
 
 
 def make_celeba(root, counts=None):
-    """torchvision's CelebA root: <root>/celeba/list_attr_celeba.txt (count, the 40 attribute names, "<file> v1 ...
-    v40" with -1/1, padded like the release), list_eval_partition.txt ("<file> <0|1|2>") and img_align_celeba/.
-    counts as in make_waterbirds, groups g = 2*Blond_Hair + Male. Returns rows: dicts with file, split, y, male."""
+    """torchvision's CelebA root: <root>/celeba/list_attr_celeba.txt (count, the 40 attribute names, "<file>
+    v1 ... v40" with -1/1, padded like the release), list_eval_partition.txt ("<file> <0|1|2>") and
+    img_align_celeba/. counts as in make_waterbirds, groups g = 2*Blond_Hair + Male. Returns rows: dicts with
+    file, split, y, male."""
     counts = counts or {"train": (4, 2, 2, 4), "val": (6, 6, 6, 6), "test": (3, 3, 3, 3)}
     folder = os.path.join(root, "celeba")
     g = torch.Generator().manual_seed(2)

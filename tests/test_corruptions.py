@@ -4,9 +4,11 @@ import torch.nn.functional as F
 
 import data
 
-# mad grows from severity 1 to 5 in the reference generator's statistics for these (CORRUPTIONS.md); the others
-# (elastic, frost, glass, saturate, spatter) are not monotone there either
-MONOTONE = ("brightness", "contrast", "defocus_blur", "fog", "gaussian_blur", "gaussian_noise", "impulse_noise",
+
+# mad grows from severity 1 to 5 in the reference generator's statistics for these (CORRUPTIONS.md); the
+# others (elastic, frost, glass, saturate, spatter) are not monotone there either
+MONOTONE = ("brightness", "contrast", "defocus_blur", "fog", "gaussian_blur", "gaussian_noise",
+            "impulse_noise",
             "jpeg_compression", "motion_blur", "pixelate", "shot_noise", "snow", "speckle_noise", "zoom_blur")
 DETERMINISTIC = ("brightness", "contrast", "defocus_blur", "gaussian_blur", "jpeg_compression", "pixelate",
                  "saturate", "zoom_blur")  # no randomness: the seed must not matter
@@ -49,7 +51,8 @@ def test_unknown_name_and_severity_are_clear(images):
         data.corrupt(images, "fogg", 3)
     with pytest.raises(SystemExit, match="outside 1..5"):
         data.corrupt(images, "fog", 6)
-    assert data.parse_corruptions("paper14") == data.PAPER14 and data.parse_corruptions("fog,snow") == ("fog", "snow")
+    assert data.parse_corruptions("paper14") == data.PAPER14 and data.parse_corruptions("fog,snow") == ("fog",
+                                                                                                        "snow")
 
 
 def test_shifted_pool_cache_and_split_identity(tmp_path, images):
@@ -69,7 +72,8 @@ def test_release_loader(tmp_path):
     np.save(tmp_path / "fog.npy", x)
     np.save(tmp_path / "labels.npy", labels)
     out = data.load_release(str(tmp_path), "fog", 3, expect_labels=torch.from_numpy(labels[:10000]).long())
-    assert out.shape == (10000, 3, 32, 32) and torch.equal(out[5].permute(1, 2, 0), torch.from_numpy(x[20005]))
+    assert out.shape == (10000, 3, 32, 32) and torch.equal(out[5].permute(1, 2, 0),
+                                                           torch.from_numpy(x[20005]))
     with pytest.raises(SystemExit, match="missing"):
         data.load_release(str(tmp_path), "snow", 3)
 
@@ -81,6 +85,7 @@ def test_gallery_png(tmp_path, images):
     # a 120 px label column and a 14 px header, then the grid of 4 rows x 6 columns of 33 px cells at 2x
     assert img.shape == (3, 14 + 2 * (4 * 33 + 1), 120 + 2 * (6 * 33 + 1))
     grid = img[:, 14:, 120:][:, ::2, ::2]
-    assert torch.equal(grid[:, 1:33, 1:33], images[0]) and torch.equal(grid[:, 34:66, 1:33], images[1])  # clean
+    # clean
+    assert torch.equal(grid[:, 1:33, 1:33], images[0]) and torch.equal(grid[:, 34:66, 1:33], images[1])
     assert torch.equal(grid[:, 1:33, 34:66], data.corrupt(images[:2], "fog", 1)[0])  # fog, severity 1
     assert (img[:, :14, 120:] < 128).any() and (img[:, 14:, :120] < 128).any()  # the labels are drawn

@@ -1,19 +1,21 @@
-"""finetune.py --objective entropy on tiny synthetic data (CPU): no target label is read before the stream has been
-predicted, only the tuned block moves, each batch is scored before its own update, episodic resets, MEMO's
-marginal entropy, and one end-to-end run through main()."""
+"""finetune.py --objective entropy on tiny synthetic data (CPU): no target label is read before the stream has
+been predicted, only the tuned block moves, each batch is scored before its own update, episodic resets,
+MEMO's marginal entropy, and one end-to-end run through main()."""
 import copy
 import json
 
 import pytest
 import torch
 
+import common as C
 import finetune as FT
 import model as M
+import protocol as P
 import rgn
 import train as T
-from tinydata import make_images, result_file, write_cifar
-import protocol as P
 import unsupervised as U
+from tinydata import make_images, result_file, write_cifar
+
 
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
@@ -21,7 +23,8 @@ QUIET = dict(log=lambda s: None)
 
 @pytest.fixture(scope="module")
 def source():
-    """A briefly trained net (10 steps), so that its predictions vary over the stream and entropy steps change them."""
+    """A briefly trained net (10 steps), so that its predictions vary over the stream and entropy steps change
+    them."""
     torch.manual_seed(0)
     net = M.build_model()
     x, y = (torch.from_numpy(a) for a in make_images(32, seed=1))
@@ -34,8 +37,10 @@ def source():
 
 
 def ent_args(*extra):
-    # lr 0.05: large enough that one step on 16 images changes this net's predictions, so the order tests can fail
-    return P.parse_args(["--objective", "entropy", "--ent_batch_size", "16", "--ent_lr", "5e-2", "--device", "cpu",
+    # lr 0.05: large enough that one step on 16 images changes this net's predictions, so the order tests can
+    # fail
+    return P.parse_args(["--objective", "entropy", "--ent_batch_size", "16", "--ent_lr", "5e-2", "--device",
+                         "cpu",
                           *extra])
 
 
@@ -80,7 +85,8 @@ def test_no_label_is_read_before_the_stream_is_predicted(source, monkeypatch, tm
     finally:
         Trap.armed = True
     assert calls == [x.shape] and 0 <= res["test_acc"] <= 100
-    assert res["test_acc"] == pytest.approx(sum(b["acc"] * b["n"] for b in res["history"][0]["stream"]) / 48, abs=1e-3)
+    assert res["test_acc"] == pytest.approx(sum(b["acc"] * b["n"] for b in res["history"][0]["stream"]) / 48,
+                                            abs=1e-3)
 
 
 @pytest.mark.parametrize("spec, cache, memo", [("layer1", False, 0), ("layer2", True, 0), ("fc", True, 0),
@@ -89,19 +95,21 @@ def test_only_the_tuned_block_changes(source, spec, cache, memo):
     names = FT.tune_names(source, spec)
     k = M.first_stage(names) if cache else 0
     net = copy.deepcopy(source)
-    U.adapt_stream(net, names, M.prefix(source, stream_images(), k), ent_args("--tune", spec, "--ent_copies",
+    U.adapt_stream(net, names, C.prefix(source, stream_images(), k), ent_args("--tune", spec, "--ent_copies",
                                                                              str(memo)), start=k, **QUIET)
     src = dict(source.named_parameters())
     norms = rgn.norm_param_names(source)
     for n, p in net.named_parameters():
-        moves = n in names and not (spec == "auto_rgn" and n in norms)  # auto_rgn keeps the norms at the source
-        assert torch.equal(p, src[n]) != moves, f"{n}: {'tuned but unchanged' if moves else 'frozen but changed'}"
+        # auto_rgn keeps the norms at the source
+        moves = n in names and not (spec == "auto_rgn" and n in norms)
+        assert torch.equal(p,
+                           src[n]) != moves, f"{n}: {'tuned but unchanged' if moves else 'frozen but changed'}"
 
 
 def test_each_batch_is_scored_before_its_own_update(source):
-    # Continual: batch i's predictions and their entropy must be those of the model adapted on batches 0..i-1 only
-    # (batch 0: the source's), bit for bit. Predicting after the update (peeking) changes them at this lr, as the
-    # episodic order (adapt, then predict) shows.
+    # Continual: batch i's predictions and their entropy must be those of the model adapted on batches 0..i-1
+    # only (batch 0: the source's), bit for bit. Predicting after the update (peeking) changes them at this
+    # lr, as the episodic order (adapt, then predict) shows.
     names, x, args = FT.tune_names(source, "layer2"), stream_images(), ent_args("--tune", "layer2")
     preds, stream = U.adapt_stream(copy.deepcopy(source), names, x, args, **QUIET)
     assert [b["n"] for b in stream] == [16, 16, 16] and preds.shape == (48,)
@@ -111,7 +119,8 @@ def test_each_batch_is_scored_before_its_own_update(source):
             U.adapt_stream(net, names, x[:16 * i], args, **QUIET)
         pred, ent = U.predict(net, x[16 * i:16 * (i + 1)])
         assert torch.equal(preds[16 * i:16 * (i + 1)], pred) and stream[i]["entropy"] == ent, f"batch {i}"
-    peek, peeked = U.adapt_stream(copy.deepcopy(source), names, x[:16], ent_args("--tune", "layer2", "--episodic"),
+    peek, peeked = U.adapt_stream(copy.deepcopy(source), names, x[:16], ent_args("--tune", "layer2",
+                                                                                 "--episodic"),
                                    **QUIET)
     assert not torch.equal(peek, preds[:16]) and peeked[0]["entropy"] < stream[0]["entropy"] - 0.01
 
@@ -125,7 +134,8 @@ def test_episodic_restarts_from_the_source_every_batch(source):
     for i in range(3):  # each batch alone, from the source, gives the same predictions
         alone, _ = U.adapt_stream(last := copy.deepcopy(source), names, x[16 * i:16 * (i + 1)], args, **QUIET)
         assert torch.equal(preds[16 * i:16 * (i + 1)], alone), f"batch {i}"
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), last.parameters()))  # left: last batch only
+    # left: last batch only
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), last.parameters()))
     cont = copy.deepcopy(source)
     U.adapt_stream(cont, names, x, ent_args("--tune", "layer1", "--ent_steps", "2"), **QUIET)
     assert not torch.equal(cont.conv1.weight, net.conv1.weight)  # continual carries the earlier batches
@@ -144,16 +154,20 @@ def test_end_to_end_through_main(tmp_path, monkeypatch):
     monkeypatch.setitem(FT.data.CORRUPTIONS, "gaussian_noise", noise)
     write_cifar(tmp_path, train_sizes=(80, 80), test_size=60)
     ckpt, cache = str(tmp_path / "src.pt"), str(tmp_path / "cache")
-    T.main(["--data_dir", str(tmp_path), "--cache_dir", cache, "--holdout", "60", "--epochs", "1", "--limit", "40",
+    T.main(["--data_dir", str(tmp_path), "--cache_dir", cache, "--holdout", "60", "--epochs", "1", "--limit",
+            "40",
             "--batch_size", "20", "--device", "cpu", "--out", ckpt])
-    argv = ["--ckpt", ckpt, "--data_dir", str(tmp_path), "--cache_dir", cache, "--device", "cpu", "--train_n", "50",
+    argv = ["--ckpt", ckpt, "--data_dir", str(tmp_path), "--cache_dir", cache, "--device", "cpu", "--train_n",
+            "50",
             "--val_per_class", "2", "--test_per_class", "5", "--corruption", "gaussian_noise", "--objective",
             "entropy", "--ent_batch_size", "16", "--out_dir", str(tmp_path / "res")]
     res, = FT.main(argv + ["--tune", "layer1"])
-    saved = json.loads(open(result_file(tmp_path / "res", "cifar_c-gaussian_noise-layer1-s0-entropy.json")).read())
+    saved = json.loads(open(result_file(tmp_path / "res",
+                                        "cifar_c-gaussian_noise-layer1-s0-entropy.json")).read())
     assert saved["objective"] == "entropy" and saved["val_acc"] is None and saved["test_acc"] == res["test_acc"]
     assert [b["n"] for b in saved["history"][0]["stream"]] == [16, 16, 16, 2] and saved["prefix_stage"] == 0
-    none, = FT.main(argv + ["--tune", "fc", "--seed", "1", "--ent_lr", "0"])  # lr 0 = no adaptation, another order
+    # lr 0 = no adaptation, another order
+    none, = FT.main(argv + ["--tune", "fc", "--seed", "1", "--ent_lr", "0"])
     assert none["test_acc"] == pytest.approx(FT.main(argv + ["--tune", "none"])[0]["test_acc"])
     with pytest.raises(SystemExit, match="auto_snr / l1"):
         FT.main(argv + ["--tune", "l1"])
@@ -163,12 +177,14 @@ def test_table_keeps_entropy_results_apart(tmp_path):
     import table
 
     def put(corruption, tune, seed, acc, objective=None):
-        r = {"data": "cifar_c", "corruption": corruption, "tune": tune, "seed": seed, "test_acc": acc, "val_acc": 0.0,
+        r = {"data": "cifar_c", "corruption": corruption, "tune": tune, "seed": seed, "test_acc": acc,
+             "val_acc": 0.0,
              "args": {}, **({"objective": objective} if objective else {})}
         (tmp_path / f"{corruption}-{tune}-{seed}-{objective}.json").write_text(json.dumps(r))
     for s in (0, 1):
         put("gaussian_noise", "none", s, 40.0)
-        put("gaussian_noise", "none", s, 50.0, "entropy")  # same (data, corruption, tune, seed) as the one above
+        # same (data, corruption, tune, seed) as the one above
+        put("gaussian_noise", "none", s, 50.0, "entropy")
         put("snow", "none", s, 60.0, "entropy")
         put("gaussian_noise", "layer1", s, 70.0 + 2 * s, "entropy")
     put("snow", "layer1", 0, 90.0, "entropy")  # seed 1 missing: the mean cell is flagged
@@ -178,6 +194,7 @@ def test_table_keeps_entropy_results_apart(tmp_path):
     assert "| No Adaptation | 40.0 (0.0) |" in md  # the supervised table sees only the supervised results
     lines = md.split("(--objective entropy)")[1].splitlines()
     assert "| Tune | paired | all run | gaussian_noise |" in lines and "of the 2 present (gaussian_noise, snow)" in md
-    # paired: gaussian_noise only (snow lacks layer1 seed 1); all run: per seed (70 + 90) / 2 and 72 for layer1
+    # paired: gaussian_noise only (snow lacks layer1 seed 1); all run: per seed (70 + 90) / 2 and 72 for
+    # layer1
     assert "| none | 50.0 (0.0) | 55.0 (0.0) | 50.0 (0.0) |" in lines
     assert "| layer1 | 71.0 (1.4) | 76.0 (5.7)* | 71.0 (1.4) |" in lines  # mean 76, std 4 * 2**.5

@@ -1,21 +1,23 @@
-"""The ImageNet family end to end on tiny fake folders (tests/fakefolders.py) and a tiny ResNet-50-shaped net at 32 px:
-train.py and finetune.py as a user runs them, BatchNorm kept in eval mode (only the tuned block moves, bit for bit,
-and the prefix cache stays exact), the worst-group metric, and bad folders failing with one line."""
+"""The ImageNet family end to end on tiny fake folders (tests/fakefolders.py) and a tiny ResNet-50-shaped net
+at 32 px: train.py and finetune.py as a user runs them, BatchNorm kept in eval mode (only the tuned block
+moves, bit for bit, and the prefix cache stays exact), the worst-group metric, and bad folders failing with
+one line."""
 import copy
 import json
 
 import pytest
 import torch
 
-import data
+import checkpoints as CK
+import common as C
+import family
 import finetune as FT
 import model as M
+import protocol as P
 import train as T
 from fakefolders import make_breeds_info, make_imagenet, make_imagenet_c, make_waterbirds
 from tinydata import result_file, tiny_resnet50, untagged
-import protocol as P
-import checkpoints as CK
-import family
+
 
 QUIET = dict(log=lambda s: None)
 
@@ -40,11 +42,13 @@ def waterbirds(tmp_path_factory):
 
 
 def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_path):
-    """train.py's waterbirds recipe (1 epoch here), then finetune.py tunes fc; the cells are worst-group accuracy,
-    selected on worst-group val accuracy."""
+    """train.py's waterbirds recipe (1 epoch here), then finetune.py tunes fc; the cells are worst-group
+    accuracy, selected on worst-group val accuracy."""
     ckpt = tmp_path / "wb.pt"
-    T.main(["--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--out", str(ckpt), "--device", "cpu",
-            "--cache_dir", str(tmp_path / "cache"), "--image_size", "32", "--weights", "none", "--epochs", "1",
+    T.main(["--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--out", str(ckpt), "--device",
+            "cpu",
+            "--cache_dir", str(tmp_path / "cache"), "--image_size", "32", "--weights", "none", "--epochs",
+            "1",
             "--batch_size", "8"])
     argv = common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--ckpt", str(ckpt),
                   "--train_n", "12", "--val_per_class", "2", "--out_dir", str(tmp_path / "res"))
@@ -53,7 +57,8 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
     assert saved["arch"] == "resnet50" and saved["num_classes"] == 2 and saved["args"]["data"] == "waterbirds"
     out = json.loads(open(result_file(tmp_path / "res", "waterbirds-clean-fc-s0.json")).read())
     assert out["metric"] == "worst-group accuracy" and out["source_acc"] is None
-    assert [h["lr"] for h in out["history"]] == [5e-3, 1e-3, 5e-4] and out["args"]["epochs"] == 1  # PROTOCOL 8
+    # PROTOCOL 8
+    assert [h["lr"] for h in out["history"]] == [5e-3, 1e-3, 5e-4] and out["args"]["epochs"] == 1
     for h in out["history"]:
         for e in h["epochs"]:  # 4 groups of the test split: 3, 4, 2, 3 images
             if e["test_acc"] is None:  # test is scored only where selection can land
@@ -62,13 +67,14 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
             assert e["test_avg_acc"] == pytest.approx(sum(e["test_group_acc"]) / 4)
     sel = out["selected"]
     assert out["test_acc"] == sel["test_acc"] and out["test_avg_acc"] == sel["test_avg_acc"] == res["test_avg_acc"]
-    assert out["prefix_stage"] == len(tiny_resnet50().stages) - 1  # fc: everything before the head computed once
+    # fc: everything before the head computed once
+    assert out["prefix_stage"] == len(tiny_resnet50().stages) - 1
 
 
 @pytest.mark.parametrize("tune", ["layer1", "layer3", "layer4"])
 def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
-    """--bn eval (default): every tensor outside the tuned block, BatchNorm running statistics included, is bit for
-    bit the source's after training, and the prefix cache gives the same run as no cache."""
+    """--bn eval (default): every tensor outside the tuned block, BatchNorm running statistics included, is
+    bit for bit the source's after training, and the prefix cache gives the same run as no cache."""
     torch.manual_seed(0)
     source = tiny_resnet50(3).eval()
     x, y = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.arange(24) % 3
@@ -78,8 +84,8 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
     names = FT.tune_names(source, tune)
     runs = []
     for cache in (True, False):
-        k = FT.cache_stage(names, args, "resnet50") if cache else 0
-        splits, starts = FT.cached_splits(source, target, k, args, **QUIET)
+        k = C.cache_stage(names, args, "resnet50") if cache else 0
+        splits, starts = C.cached_splits(source, target, k, args, **QUIET)
         net = copy.deepcopy(source)
         h, _ = FT.finetune(net, names, splits, 1e-2, args, start=starts)
         runs.append(h)
@@ -87,14 +93,14 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
         moved = {n for n in before if not torch.equal(before[n], after[n])}
         assert moved and all(n.startswith(M.BLOCKS["resnet50"][tune]) for n in moved)
         assert not any("running" in n for n in moved)  # eval mode: the statistics are the source's
-    assert (k := FT.cache_stage(names, args, "resnet50")) == M.first_stage(names, "resnet50")
+    assert (k := C.cache_stage(names, args, "resnet50")) == M.first_stage(names, "resnet50")
     for a, b in zip(runs[0]["epochs"][1:], runs[1]["epochs"][1:]):
         assert a["val_acc"] == b["val_acc"] and a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     # --bn train: batch statistics, so the running ones of the tuned block move and nothing is cached
     targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8", "--bn",
                            "train", "--device", "cpu"])
-    assert FT.cache_stage(names, targs, "resnet50") == 0
+    assert C.cache_stage(names, targs, "resnet50") == 0
     net = copy.deepcopy(source)
     FT.finetune(net, names, target, 1e-2, targs)
     moved = {n for n, v in net.state_dict().items() if not torch.equal(v, source.state_dict()[n])}
@@ -108,26 +114,29 @@ def test_prefix_cache_budget_runs_the_rest_whole():
     target = {"train": (x[:4], y[:4]), "val": (x[4:8], y[4:8]), "test": (x[8:], y[8:])}
     names = FT.tune_names(source, "layer4")
     k = M.first_stage(names, "resnet50")
-    one = M.prefix(source, x[:1], k)
+    one = C.prefix(source, x[:1], k)
     per_split = 4 * one.numel() * one.element_size()  # bytes of one split's cached activations
     args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
                           "--prefix_cache_gb", str(1.5 * per_split / 2 ** 30)])
-    splits, starts = FT.cached_splits(source, target, k, args, **QUIET)
+    splits, starts = C.cached_splits(source, target, k, args, **QUIET)
     assert starts == {"train": k, "val": 0, "test": 0}  # train fits, then the budget is spent
     assert splits["val"][0] is target["val"][0] and splits["train"][0].shape == (4, *one.shape[1:])
 
 
 def test_living17_train_then_finetune(tmp_path):
-    """BREEDS: train.py on the source subclasses from (here random) init, then finetune.py on the unseen target
-    subclasses, with the source accuracy kept measured on ImageNet val images of the source subclasses."""
+    """BREEDS: train.py on the source subclasses from (here random) init, then finetune.py on the unseen
+    target subclasses, with the source accuracy kept measured on ImageNet val images of the source
+    subclasses."""
     facts = make_breeds_info(str(tmp_path / "breeds"))
     make_imagenet(str(tmp_path / "imagenet"), facts["leaves"], n_train=4, n_val=2)
     folders = ["--data_dir", str(tmp_path / "imagenet"), "--breeds_dir", str(tmp_path / "breeds")]
     ckpt = str(tmp_path / "l17.pt")
     T.main(common(tmp_path, "--data", "living17", "--out", ckpt, *folders))
     assert CK.load_checkpoint(ckpt)[1]["num_classes"] == len(facts["living17"]["superclasses"])
-    res, = FT.main(common(tmp_path, "--data", "living17", "--ckpt", ckpt, "--tune", "layer4", "--train_n", "6",
-                          "--val_per_class", "2", "--lrs", "1e-3", "--out_dir", str(tmp_path / "res"), *folders))
+    res, = FT.main(common(tmp_path, "--data", "living17", "--ckpt", ckpt, "--tune", "layer4", "--train_n",
+                          "6",
+                          "--val_per_class", "2", "--lrs", "1e-3", "--out_dir", str(tmp_path / "res"),
+                          *folders))
     assert res["tune"] == "layer4" and res["metric"] == "accuracy" and res["test_avg_acc"] is None
     assert 0 <= res["source_acc_before"] <= 100 and res["severity"] is None
     assert res["args"]["wd"] == 0.0  # PROTOCOL section 8 for BREEDS
@@ -137,9 +146,11 @@ def test_living17_train_then_finetune(tmp_path):
 def test_imagenet_c_two_corruptions_and_the_1000_class_check(tmp_path):
     make_imagenet_c(str(tmp_path / "inc"), corruptions=("fog", "snow"), per_class=6)
     argv = common(tmp_path, "--data", "imagenet_c", "--data_dir", str(tmp_path / "inc"), "--corruption",
-                  "fog,snow", "--train_n", "6", "--val_per_class", "2", "--test_per_class", "2", "--lrs", "1e-3",
+                  "fog,snow", "--train_n", "6", "--val_per_class", "2", "--test_per_class", "2", "--lrs",
+                  "1e-3",
                   "--out_dir", str(tmp_path / "res"), "--tune", "fc")
-    with pytest.raises(SystemExit, match="needs all 1000"):  # --ckpt imagenet: the ImageNet head, 3 classes here
+    # --ckpt imagenet: the ImageNet head, 3 classes here
+    with pytest.raises(SystemExit, match="needs all 1000"):
         FT.main(argv)
     ckpt = str(tmp_path / "in3.pt")
     CK.save_checkpoint(ckpt, tiny_resnet50(3), T.parse_args(["--data", "waterbirds"]), {})
@@ -155,10 +166,12 @@ def test_wrong_arch_and_missing_folder_are_one_line(tmp_path, waterbirds):
         FT.main(common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"),
                        "--ckpt", cifar_ckpt))
     with pytest.raises(SystemExit, match="metadata.csv is missing") as e:
-        T.main(["--data", "waterbirds", "--data_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new.pt"),
+        T.main(["--data", "waterbirds", "--data_dir", str(tmp_path / "nowhere"), "--out",
+                str(tmp_path / "new.pt"),
                 "--device", "cpu", "--weights", "none"])
     assert "\n" not in str(e.value) and not (tmp_path / "new.pt").exists()
-    with pytest.raises(SystemExit, match="python train.py --data waterbirds --data_dir") as e:  # no silent training
+    # no silent training
+    with pytest.raises(SystemExit, match="python train.py --data waterbirds --data_dir") as e:
         FT.main(common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"),
                        "--ckpt", str(tmp_path / "new.pt")))
     with pytest.raises(SystemExit, match="layer4"):

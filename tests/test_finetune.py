@@ -10,21 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common as C
 import data
 import finetune as FT
 import model as M
-import rgn
-import train as T
-from tinydata import make_images, result_file, untagged
 import protocol as P
-import common as C
-import checkpoints as CK
-import family
+import rgn
+from tinydata import make_images, result_file, untagged
+
 
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
-KEYS = {"objective", "data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage", "history", "selected",
-        "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device", "metric",
+KEYS = {"objective", "data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage",
+        "history", "selected",
+        "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device",
+        "metric",
         "test_avg_acc", "variant", "changed"}
 
 
@@ -48,7 +48,7 @@ def source():
 def tune(source, names, args, lr=1e-2, cache=True, l1_lambda=0.0):
     """One finetune() call as run() makes it; returns (tuned model, history entry, best state)."""
     k = M.first_stage(names) if cache else 0
-    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (C.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     net = copy.deepcopy(source)
     h, best = FT.finetune(net, names, splits, lr, args, start=k, l1_lambda=l1_lambda)
     return net, h, best
@@ -67,8 +67,10 @@ def test_only_the_tuned_parameters_move(source, spec, cache):
         else:
             assert torch.equal(p, src[n]), f"{n} is frozen but changed"
     assert set(best) == set(names)
-    if spec == "layer2.0.,fc.":  # the prefix list: the first unit of layer2 and the head, not the rest of layer2
-        assert {n.split(".")[0] + "." + n.split(".")[1] for n in names} == {"layer2.0", "fc.weight", "fc.bias"}
+    # the prefix list: the first unit of layer2 and the head, not the rest of layer2
+    if spec == "layer2.0.,fc.":
+        assert {n.split(".")[0] + "." + n.split(".")[1] for n in names} == {"layer2.0", "fc.weight",
+                                                                            "fc.bias"}
 
 
 def test_prefix_list_and_blocks_resolve():
@@ -82,8 +84,8 @@ def test_prefix_list_and_blocks_resolve():
 
 @pytest.mark.parametrize("spec", ["layer2", "fc"])
 def test_prefix_cache_matches_plain_path(source, spec):
-    # Tolerance: train/val/test losses within 1e-5 relative (only the frozen prefix's batching differs, in float32
-    # rounding); accuracies identical.
+    # Tolerance: train/val/test losses within 1e-5 relative (only the frozen prefix's batching differs, in
+    # float32 rounding); accuracies identical.
     args = tiny_args("--tune", spec, "--epochs", "2")
     names = FT.tune_names(source, spec)
     assert M.first_stage(names) > 0
@@ -101,18 +103,18 @@ def test_prefix_cache_matches_plain_path(source, spec):
 
 
 def test_kept_state_is_the_selected_epoch(source, monkeypatch):
-    # Scripted val accuracies (epochs 0..4): the best, 50, comes first at epoch 2, then ties and drops. The state
-    # finetune() keeps must be the model after epoch 2 exactly, not the last or a later tie.
-    vals, measure = iter([90, 30, 50, 50, 40]), FT.measure
+    # Scripted val accuracies (epochs 0..4): the best, 50, comes first at epoch 2, then ties and drops. The
+    # state finetune() keeps must be the model after epoch 2 exactly, not the last or a later tie.
+    vals, measure = iter([90, 30, 50, 50, 40]), C.measure
 
     def scripted(model, split, start=0):
         m = measure(model, split, start)
         return {**m, "acc": next(vals)} if split[0] is scripted.val else m
     names = FT.tune_names(source, "fc")
     k = M.first_stage(names)
-    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (C.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     scripted.val = splits["val"][0]
-    monkeypatch.setattr(FT, "measure", scripted)
+    monkeypatch.setattr(C, "measure", scripted)
     h, best = FT.finetune(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k)
     assert [e["val_acc"] for e in h["epochs"]] == [90, 30, 50, 50, 40] and FT.select([h])["epoch"] == 2
     monkeypatch.undo()
@@ -123,9 +125,9 @@ def test_kept_state_is_the_selected_epoch(source, monkeypatch):
 
 
 def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
-    # Two lrs with scripted val accuracies: lr 0.1 at epoch 1 wins (60). The clean accuracy must be measured on
-    # that model, and the JSON must say so.
-    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), C.evaluate, FT.measure, []
+    # Two lrs with scripted val accuracies: lr 0.1 at epoch 1 wins (60). The clean accuracy must be measured
+    # on that model, and the JSON must say so.
+    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), C.evaluate, C.measure, []
 
     def scripted_clean(model, x, y, batch_size=1000, start=0):  # the clean split: remember which head it saw
         clean_fc.append(model.fc.weight.detach().clone())
@@ -135,12 +137,13 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
         m = measure(model, split, start)
         return {**m, "acc": next(vals)} if len(split[0]) == 12 else m
     monkeypatch.setattr(C, "evaluate", scripted_clean)
-    monkeypatch.setattr(FT, "measure", scripted_val)
+    monkeypatch.setattr(C, "measure", scripted_val)
     target, clean = tiny_splits(n_val=12), tiny_splits(n_train=0, n_val=0, n_test=20)["test"]
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
     res = FT.run(args, source, target, clean, "clean", 0.0, **QUIET)
     assert (res["selected"]["lr"], res["selected"]["epoch"], res["val_acc"]) == (0.1, 1, 60)
-    assert json.loads(open(result_file(tmp_path, "cifar_c-clean-fc-s0.json")).read())["selected"] == res["selected"]
+    assert json.loads(open(result_file(tmp_path,
+                                       "cifar_c-clean-fc-s0.json")).read())["selected"] == res["selected"]
     monkeypatch.undo()
     net = copy.deepcopy(source)
     FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"))
@@ -153,7 +156,8 @@ def test_l1_penalty_keeps_weights_near_the_source(source):
     dist = {}
     for lam in (0.0, 1.0):
         net, h, _ = tune(source, names, args, lr=1e-2, l1_lambda=lam)
-        dist[lam] = sum((p - q).abs().sum().item() for p, q in zip(net.fc.parameters(), source.fc.parameters()))
+        dist[lam] = sum((p - q).abs().sum().item() for p, q in zip(net.fc.parameters(),
+                                                                   source.fc.parameters()))
     assert dist[1.0] < 0.5 * dist[0.0]
 
 
@@ -177,8 +181,10 @@ def test_select_rule():
 
 def ft_argv(tiny, out, *extra, ckpt=None):
     root, src = tiny
-    return ["--ckpt", ckpt or src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device", "cpu",
-            "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3", "--epochs", "1", "--batch_size",
+    return ["--ckpt", ckpt or src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device",
+            "cpu",
+            "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3", "--epochs", "1",
+            "--batch_size",
             "25", "--out_dir", str(out), *extra]
 
 
@@ -199,13 +205,15 @@ def test_end_to_end_flip_fc(tiny, tmp_path):
     assert [h["lr"] for h in saved["history"]] == [1e-2, 1e-3]
     assert all([e["epoch"] for e in h["epochs"]] == [0, 1, 2] for h in saved["history"])
     sel = FT.select(saved["history"])
-    assert saved["selected"] == {k: v for k, v in sel.items() if k != "run"} and saved["test_acc"] == sel["test_acc"]
+    assert saved["selected"] == {k: v for k, v in sel.items()
+                                 if k != "run"} and saved["test_acc"] == sel["test_acc"]
     assert saved["selected"]["epoch"] >= 1 and 0 <= saved["source_acc"] <= 100
     assert res["test_acc"] == saved["test_acc"] and saved["args"]["tune"] == "fc"
 
 
 def test_end_to_end_corruptions_none(tiny, tmp_path, fake_corruptions, capsys):
-    results = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_c", "--corruption", "gaussian_noise,shot_noise",
+    results = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_c", "--corruption",
+                              "gaussian_noise,shot_noise",
                               "--tune", "none"))
     assert untagged(tmp_path) == ["cifar_c-gaussian_noise-none-s0.json", "cifar_c-shot_noise-none-s0.json"]
     for r in results:
@@ -226,19 +234,23 @@ def test_missing_checkpoint_names_the_train_command(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "auto_snr_pe", "l1"])
 def test_automatic_methods_end_to_end(tiny, tmp_path, method):
-    extra = {"auto_rgn": [], "auto_snr": ["--epochs", "2"], "auto_snr_pe": ["--snr", "per_example", "--snr_n", "8",
+    extra = {"auto_rgn": [], "auto_snr": ["--epochs", "2"], "auto_snr_pe": ["--snr", "per_example", "--snr_n",
+                                                                            "8",
                                                                              "--snr_threshold", "0.3"],
              "l1": ["--l1_lambdas", "1e-4,1e-3"]}[method]
     tune = method.replace("_pe", "")
     res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", tune, "--lrs", "1e-3", *extra))
-    suffix = "-snr_per_example" if method == "auto_snr_pe" else ""  # a variant never overwrites the default's file
+    # a variant never overwrites the default's file
+    suffix = "-snr_per_example" if method == "auto_snr_pe" else ""
     assert untagged(tmp_path) == [f"cifar_flip-clean-{tune}-s0{suffix}.json"]
     n_all = len(list(M.build_model().parameters()))
-    if method == "auto_rgn":  # every tensor but the norms trains; one multiplier line per epoch, the top one at 1
+    # every tensor but the norms trains; one multiplier line per epoch, the top one at 1
+    if method == "auto_rgn":
         assert all("bn" not in n and not n.startswith("norm.") for n in res["trained"]["names"])
         (mults,), = [h["rgn"] for h in res["history"]]
         assert set(mults) == {"layer1", "layer2", "layer3", "fc"} and 0 < max(mults.values()) <= 1
-    if method == "auto_snr":  # the authors' criterion: candidates are the non-norm tensors, chosen every epoch;
+    # the authors' criterion: candidates are the non-norm tensors, chosen every epoch;
+    if method == "auto_snr":
         # a 10-class head's score is at most 0.9 < 0.95, so fc never trains
         assert all("bn" not in n and not n.startswith("norm.") for n in res["trained"]["names"])
         per_epoch, = [h["snr"] for h in res["history"]]
@@ -247,14 +259,16 @@ def test_automatic_methods_end_to_end(tiny, tmp_path, method):
     if method == "auto_snr_pe":
         scores, chosen = res["snr"]["scores"], res["snr"]["selected"]
         assert len(scores) == n_all and 0 < len(chosen) < n_all and res["trained"]["names"] == chosen
-        assert all((scores[n] >= 0.3) == (n in chosen) for n in scores) and res["variant"] == "snr_per_example"
+        assert all((scores[n] >= 0.3) == (n in chosen)
+                   for n in scores) and res["variant"] == "snr_per_example"
     if method == "l1":
         assert [h["lambda"] for h in res["history"]] == [1e-4, 1e-3]
         assert res["selected"]["lambda"] in (1e-4, 1e-3) and res["trained"]["tensors"] == n_all
 
 
 @pytest.mark.parametrize("bad, says", [
-    (["--tune", "layer9"], "--tune"), (["--tune", "layer2,bogus."], "bogus."), (["--tune", "fc,auto_rgn"], "auto_rgn"),
+    (["--tune", "layer9"], "--tune"), (["--tune", "layer2,bogus."], "bogus."), (["--tune", "fc,auto_rgn"],
+                                                                                "auto_rgn"),
     (["--corruption", "gaussian_nois"], "unknown corruption"), (["--train_n", "1000"], "train_n"),
     (["--lrs", "1e-3,x"], "--lrs")])
 def test_bad_input_fails_with_one_line(tiny, tmp_path, fake_corruptions, bad, says):
@@ -278,16 +292,17 @@ def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monke
     # The same run with the test split scored every epoch and only at new val records: the same selection, the
     # same test accuracy, the same val curve; far fewer test passes.
     target = tiny_splits(n_val=12)
-    calls, measure = [], FT.measure
+    calls, measure = [], C.measure
 
     def counting(model, split, start=0):
         calls.append(len(split[0]))
         return measure(model, split, start)
-    monkeypatch.setattr(FT, "measure", counting)
+    monkeypatch.setattr(C, "measure", counting)
     out = {}
     for every in (True, False):
         calls.clear()
-        args = tiny_args("--tune", "layer2", "--lrs", "1e-1,1e-2,1e-3", "--epochs", "4", "--out_dir", str(tmp_path),
+        args = tiny_args("--tune", "layer2", "--lrs", "1e-1,1e-2,1e-3", "--epochs", "4", "--out_dir",
+                         str(tmp_path),
                          *(["--test_every_epoch"] if every else []))
         out[every] = FT.run(args, source, target, None, "clean", 0.0, **QUIET), calls.count(16)
     (full, n_full), (lean, n_lean) = out[True], out[False]
@@ -302,8 +317,8 @@ def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monke
 
 
 def test_auto_rgn_measures_at_the_epoch_start_weights(source):
-    # --rgn_measure before (the authors'): the epoch's rates are the RGN of 5 probe batches (their own shuffle,
-    # seed + 1) at the weights the epoch starts from, computed here by hand, before any step.
+    # --rgn_measure before (the authors'): the epoch's rates are the RGN of 5 probe batches (their own
+    # shuffle, seed + 1) at the weights the epoch starts from, computed here by hand, before any step.
     args = tiny_args("--tune", "auto_rgn", "--epochs", "1", "--batch_size", "4")
     splits = tiny_splits()
     names = [n for n in FT.tune_names(source, "auto_rgn") if n not in rgn.norm_param_names(source)]

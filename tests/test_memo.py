@@ -1,17 +1,18 @@
-"""MEMO (memo.py): the AugMix ops against PIL, the copies' properties, and the per-image episodic step: only the
-tuned block takes it, every image starts from the source, and the predictions are the hand-computed ones."""
+"""MEMO (memo.py): the AugMix ops against PIL, the copies' properties, and the per-image episodic step: only
+the tuned block takes it, every image starts from the source, and the predictions are the hand-computed
+ones."""
 import copy
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
 
 import finetune as FT
-import unsupervised as memo
-import model as M
-from tinydata import make_images, narrow_resnet26
 import protocol as P
+import unsupervised as memo
+from PIL import Image, ImageOps
+from tinydata import make_images, narrow_resnet26
+
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def pil(x, f):
     return torch.from_numpy(np.array(f(Image.fromarray(x.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("op, ref", [(memo.autocontrast, ImageOps.autocontrast), (memo.equalize, ImageOps.equalize),
+@pytest.mark.parametrize("op, ref", [(memo.autocontrast, ImageOps.autocontrast), (memo.equalize,
+                                                                                  ImageOps.equalize),
                                      (memo.posterize, lambda im: ImageOps.posterize(im, 4))])
 def test_point_ops_equal_pil(images, op, ref):
     out = op(images, torch.Generator())
@@ -36,8 +38,8 @@ def test_point_ops_equal_pil(images, op, ref):
 
 
 def test_geometric_ops_match_pil_inside_the_border(images):
-    # PIL's transform(AFFINE, BILINEAR, fillcolor=128) for a 1-pixel shift, a shear and a 2-degree turn: equal to
-    # within rounding away from the 2-pixel border (PIL blends edge pixels differently)
+    # PIL's transform(AFFINE, BILINEAR, fillcolor=128) for a 1-pixel shift, a shear and a 2-degree turn: equal
+    # to within rounding away from the 2-pixel border (PIL blends edge pixels differently)
     smooth = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).to(torch.uint8)
     a = np.deg2rad(2.0)
     cases = [((1, 0, 1, 0, 1, 0), [[1, 0, 2 / 32], [0, 1, 0]]),
@@ -46,7 +48,8 @@ def test_geometric_ops_match_pil_inside_the_border(images):
     for coeffs, theta in cases:
         out = memo._affine(smooth, torch.tensor(theta).expand(len(smooth), 2, 3))
         for i in range(0, len(smooth), 5):
-            ref = pil(smooth[i], lambda im: im.transform((32, 32), Image.AFFINE, coeffs, resample=Image.BILINEAR,
+            ref = pil(smooth[i], lambda im: im.transform((32, 32), Image.AFFINE, coeffs,
+                                                         resample=Image.BILINEAR,
                                                           fillcolor=128)).int()
             assert (out[i].int() - ref)[:, 2:-2, 2:-2].abs().max() <= 1
             if coeffs[2] == 1:  # the column shifted in is MEMO's fill, (128, 0, 0) on an RGB image

@@ -3,6 +3,7 @@ import torch
 
 import model as M
 
+
 # PROTOCOL section 1: exact parameter counts of the paper's ResNet-26
 COUNTS = {"conv1": 432, "layer1": 18688, "layer2": 69600, "layer3": 277440, "norm": 128, "fc": 650}
 
@@ -76,7 +77,8 @@ def test_resnet50_block_table():
     blocks = [b for b in groups if b != "all"]
     assert blocks == ["layer1", "layer2", "layer3", "layer4", "fc"]
     seen = [n for b in blocks for n in groups[b]]
-    assert len(seen) == len(set(seen)) and set(seen) == set(groups["all"])  # disjoint, and no final norm: covering
+    # disjoint, and no final norm: covering
+    assert len(seen) == len(set(seen)) and set(seen) == set(groups["all"])
     assert {"conv1.weight", "bn1.weight", "bn1.bias"} <= set(groups["layer1"])  # the stem rides with layer1
     assert sum(p.numel() for p in net.parameters()) == 25_557_032
     assert "25,557,032" in M.block_table(net)
@@ -85,11 +87,13 @@ def test_resnet50_block_table():
 
 def test_resnet50_matches_torchvision():
     """Same state-dict keys and shapes as torchvision's resnet50, and the same function once those weights are
-    loaded: uint8 in here equals ImageNet-normalised float into torchvision's (what the IMAGENET1K weights expect)."""
+    loaded: uint8 in here equals ImageNet-normalised float into torchvision's (what the IMAGENET1K weights
+    expect)."""
     from torchvision.models import resnet50
     from tinydata import tiny_resnet50
     tv, ours = resnet50(), M.build_model("resnet50", 1000)
-    assert {k: v.shape for k, v in tv.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in tv.state_dict().items()} == {k: v.shape for k,
+                                                                v in ours.state_dict().items()}
     torch.manual_seed(0)
     small = tiny_resnet50(5).eval()
     from torchvision.models.resnet import Bottleneck, ResNet
@@ -102,7 +106,8 @@ def test_resnet50_matches_torchvision():
         h = small(x, stop=3)  # stem + layer1 + layer2
         assert h.shape == (2, 512, 8, 8) and torch.equal(small(h, start=3), small(x))
     names = M.resolve_tune(small, "layer3")
-    assert M.first_stage(names, "resnet50") == 3 and M.first_stage(M.resolve_tune(small, "layer1"), "resnet50") == 0
+    assert M.first_stage(names, "resnet50") == 3 and M.first_stage(M.resolve_tune(small, "layer1"),
+                                                                   "resnet50") == 0
     assert M.first_stage(M.resolve_tune(small, "fc"), "resnet50") == len(small.stages) - 1
 
 

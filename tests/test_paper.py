@@ -1,23 +1,26 @@
-"""The paper's CIFAR checkpoint (--ckpt paper) on a fake file in its format: loaded by path and through the hub
-cache, checksum-checked before unpickling, weights_only always, one line for each way it can fail."""
+"""The paper's CIFAR checkpoint (--ckpt paper) on a fake file in its format: loaded by path and through the
+hub cache, checksum-checked before unpickling, weights_only always, one line for each way it can fail."""
 import hashlib
 import os
-import urllib.error
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoints as CK
+import common as C
 import model as M
 import protocol as P
-import checkpoints as CK
+import urllib.error
 import wrn
+
 
 
 @pytest.fixture
 def fake_paper(tmp_path, monkeypatch):
-    """A file in the TTT/MEMO format ({"err_cls": numpy float64, "err_ssh", "net", "optimizer"}, the final norm as
-    "bn."), whose checksum is made the expected one; returns (path, the ResNet26 whose weights it holds)."""
+    """A file in the TTT/MEMO format ({"err_cls": numpy float64, "err_ssh", "net", "optimizer"}, the final
+    norm as "bn."), whose checksum is made the expected one; returns (path, the ResNet26 whose weights it
+    holds)."""
     torch.manual_seed(0)
     net = M.build_model("resnet26")
     state = {("bn." + k[5:] if k.startswith("norm.") else k): v for k, v in net.state_dict().items()}
@@ -66,7 +69,8 @@ def test_paper_downloads_once_into_the_hub_cache(fake_paper, tmp_path, monkeypat
 def test_wrong_checksum_is_refused_before_unpickling(fake_paper, monkeypatch):
     path, _ = fake_paper
     monkeypatch.setattr(CK, "PAPER_CKPT_SHA256", "0" * 64)
-    monkeypatch.setattr(CK, "_unpickle_paper", lambda *a: pytest.fail("unpickled a file of the wrong checksum"))
+    monkeypatch.setattr(CK, "_unpickle_paper",
+                        lambda *a: pytest.fail("unpickled a file of the wrong checksum"))
     with pytest.raises(SystemExit) as e:
         CK.load_checkpoint(str(path))
     msg = str(e.value.code)
@@ -132,9 +136,10 @@ def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
     splits = {"train": (x[:32], 9 - y[:32]), "val": (x[32:40], 9 - y[32:40]), "test": (x[40:], 9 - y[40:])}
     args = P.parse_args(["--tune", "layer2", "--epochs", "1", "--batch_size", "16", "--device", "cpu"])
     names = FT.tune_names(net, "layer2")
-    k = FT.cache_stage(names, args, net.arch)
+    k = C.cache_stage(names, args, net.arch)
     assert k == 2  # conv1 and block1 computed once: exact, BatchNorm in eval mode
     before = {n: t.clone() for n, t in net.state_dict().items()}
-    FT.finetune(net, names, {s: (M.prefix(net, a, k), b) for s, (a, b) in splits.items()}, 1e-2, args, start=k)
+    FT.finetune(net, names, {s: (C.prefix(net, a, k), b) for s, (a, b) in splits.items()}, 1e-2, args,
+                start=k)
     for n, t in net.state_dict().items():  # block2's weights move; nothing else, running statistics included
         assert torch.equal(t, before[n]) != (n in names), n

@@ -5,12 +5,13 @@ import torch.nn.functional as F
 
 import model as M
 from rgn import AutoRGN, block_multipliers, is_norm, norm_param_names, snr_scores, snr_select
-import common as C
+
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tensors here are tiny: one thread avoids spinning against other jobs on shared cores (10x on a busy box)."""
+    """Tensors here are tiny: one thread avoids spinning against other jobs on shared cores (10x on a busy
+    box)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -18,7 +19,8 @@ def one_thread():
 
 
 class Tiny(nn.Module):
-    """Two Linear layers with a norm between them, named like the ResNets' norms (bn1) and final norm (norm)."""
+    """Two Linear layers with a norm between them, named like the ResNets' norms (bn1) and final norm
+    (norm)."""
 
     def __init__(self, d_in=4, d_hid=8, d_out=3):
         super().__init__()
@@ -83,7 +85,8 @@ def test_step_measures_first_batches_then_holds_and_updates_like_adam():
             for t, p in zip(twin, net.parameters()):
                 t.grad = p.grad.clone()
             m0 = rgn_now(net, names) / rgn_now(net, names).max()
-            ref = torch.optim.Adam([{"params": [t], "lr": 1e-2 * m} for t, m in zip(twin, m0.tolist())], lr=1e-2)
+            ref = torch.optim.Adam([{"params": [t], "lr": 1e-2 * m} for t, m in zip(twin, m0.tolist())],
+                                   lr=1e-2)
             ref.step()
         before = dict(opt.multipliers)
         opt.step()
@@ -142,7 +145,8 @@ def test_new_epoch_restarts_measurement_and_state():
         opt.zero_grad()
     held = dict(opt.multipliers)
     opt.new_epoch()
-    assert len(opt.state) == 0 and opt.multipliers == held  # rates stay until the next measurement replaces them
+    # rates stay until the next measurement replaces them
+    assert len(opt.state) == 0 and opt.multipliers == held
     F.cross_entropy(net(data[3][0]), data[3][1]).backward()
     want = rgn_now(net, opt.names)
     opt.step()
@@ -186,7 +190,8 @@ def test_norm_rule_fits_resnet26_and_torchvision_names():
     by_name = {n for n, p in net.named_parameters() if is_norm(n, p)}
     assert by_type == by_name and "norm.weight" in by_type and "layer3.3.bn2.bias" in by_type
     vec, mat = torch.zeros(4), torch.zeros(4, 4, 1, 1)
-    cases = [("bn1.weight", vec, True), ("layer1.0.bn3.bias", vec, True), ("layer4.2.conv3.weight", mat, False),
+    cases = [("bn1.weight", vec, True), ("layer1.0.bn3.bias", vec, True), ("layer4.2.conv3.weight", mat,
+                                                                           False),
              ("layer1.0.downsample.1.weight", vec, True), ("layer1.0.downsample.0.weight", mat, False),
              ("fc.bias", vec, False), ("encoder.ln_1.weight", vec, True), ("fc.weight", mat, False)]
     for n, p, want in cases:
@@ -221,10 +226,12 @@ def test_snr_matches_per_example_loop_and_normalises():
         assert scores[n] == pytest.approx((raw[n] - lo) / (hi - lo), abs=1e-5), n
     assert min(scores.values()) == 0.0 and max(scores.values()) == 1.0
     assert snr_scores(net, F.cross_entropy, x, y, names, chunk_size=2) == pytest.approx(scores, abs=1e-6)
-    sub = snr_scores(net, F.cross_entropy, x, y, ["0.weight", "2.bias"])  # normalised within the scored tensors
+    # normalised within the scored tensors
+    sub = snr_scores(net, F.cross_entropy, x, y, ["0.weight", "2.bias"])
     assert sorted(sub.values()) == [0.0, 1.0]
     mid = sorted(scores.values())[1]
-    assert snr_select(scores, mid) == [n for n in names if scores[n] >= mid] and len(snr_select(scores, mid)) == 3
+    assert snr_select(scores, mid) == [n for n in names if scores[n] >= mid] and len(snr_select(scores,
+                                                                                                mid)) == 3
     assert snr_select(scores, 1.0) == [max(scores, key=scores.get)] and snr_select(scores, 0.0) == names
 
 
@@ -238,8 +245,9 @@ def test_snr_on_resnet26_uint8_images():
 
 
 def test_eb_scores_match_hand_computation_and_a_head_cannot_pass():
-    # The authors' criterion: per minibatch, mean over entries of g^2 / (var of g over dim 0 + 1e-8), averaged over
-    # the minibatches. A softmax head's gradient sums to zero over the classes, so its score is at most (C-1)/C.
+    # The authors' criterion: per minibatch, mean over entries of g^2 / (var of g over dim 0 + 1e-8), averaged
+    # over the minibatches. A softmax head's gradient sums to zero over the classes, so its score is at most
+    # (C-1)/C.
     from rgn import eb_scores
     torch.manual_seed(0)
     net = Tiny(d_out=3)

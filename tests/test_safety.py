@@ -1,6 +1,6 @@
-"""What happens when things go wrong: divergence, bad sizes and numbers, corrupt caches, broken files, kills, stale
-or quick results. Each test is one failure a careful user met; each must end in one clear line (or a correct
-recovery), with nothing half-written and no good file replaced."""
+"""What happens when things go wrong: divergence, bad sizes and numbers, corrupt caches, broken files, kills,
+stale or quick results. Each test is one failure a careful user met; each must end in one clear line (or a
+correct recovery), with nothing half-written and no good file replaced."""
 import json
 import math
 import os
@@ -13,24 +13,27 @@ import time
 import pytest
 import torch
 
+import checkpoints as CK
+import common as C
 import data
 import finetune as FT
 import model as M
+import protocol as P
 import table
 import train as T
 from tinydata import write_cifar
-import protocol as P
-import common as C
-import checkpoints as CK
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 (the resume test opts out)
+# conftest.py: the narrow ResNet-26 (the resume test opts out)
+pytestmark = pytest.mark.usefixtures("small_net")
 
 
 def ft(tiny, out, *extra):
     root, src = tiny
     return ["--ckpt", src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device", "cpu",
-            "--data", "cifar_flip", "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3", "--epochs",
+            "--data", "cifar_flip", "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3",
+            "--epochs",
             "2", "--batch_size", "25", "--out_dir", str(out), *extra]
 
 
@@ -40,7 +43,8 @@ def one_line(e):
     return msg
 
 
-# 1. divergence ----------------------------------------------------------------------------------------------------
+# 1. divergence
+#    ----------------------------------------------------------------------------------------------------
 
 def test_diverging_finetune_stops_with_one_line_and_writes_nothing(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -71,7 +75,8 @@ def test_a_nan_checkpoint_is_refused(tiny, tmp_path):
     assert "non-finite" in one_line(e) and "fc.weight" in str(e.value.code)
 
 
-# 2. sizes and numbers ---------------------------------------------------------------------------------------------
+# 2. sizes and numbers
+#    ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, says", [
     (["--val_per_class", "-5"], "--val_per_class"), (["--val_per_class", "0"], "--val_per_class"),
@@ -108,11 +113,13 @@ def test_train_epochs_0_and_a_bad_lr_are_errors():
         assert e.value.code == 2  # argparse's error: one usage line and the message
 
 
-# 3. strict JSON and the table -------------------------------------------------------------------------------------
+# 3. strict JSON and the table
+#    -------------------------------------------------------------------------------------
 
 def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
     assert C.tidy({"a": math.nan, "b": [1.0, math.inf], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
-    good = {"data": "cifar_flip", "corruption": "clean", "tune": "fc", "seed": 0, "test_acc": 90.0, "val_acc": 1}
+    good = {"data": "cifar_flip", "corruption": "clean", "tune": "fc", "seed": 0, "test_acc": 90.0,
+            "val_acc": 1}
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text(json.dumps({**good, "tune": "all", "test_acc": math.nan}))  # bare NaN
     md = table.main(["--results", str(tmp_path)])
@@ -120,7 +127,8 @@ def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
     assert (tmp_path / "table.md").exists()
 
 
-# 4. caches --------------------------------------------------------------------------------------------------------
+# 4. caches
+#    --------------------------------------------------------------------------------------------------------
 
 def test_a_corrupted_pool_cache_is_rebuilt(tmp_path, capsys):
     x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
@@ -151,7 +159,8 @@ def test_cifar_cache_follows_the_content_not_the_file_times(tmp_path):
     assert torch.equal(b["test"][1], 9 - a["test"][1])
 
 
-# 5. late failures, resume -----------------------------------------------------------------------------------------
+# 5. late failures, resume
+#    -----------------------------------------------------------------------------------------
 
 def test_an_unwritable_output_fails_before_the_compute(tiny, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
@@ -167,7 +176,8 @@ def test_an_unwritable_output_fails_before_the_compute(tiny, tmp_path, monkeypat
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     # the real ResNet-26 here (subprocesses cannot see this module's narrow one); one thread everywhere
     write_cifar(tmp_path, train_sizes=(64,), test_size=20)
-    argv = ["--data_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--epochs", "8", "--batch_size",
+    argv = ["--data_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--epochs", "8",
+            "--batch_size",
             "16", "--device", "cpu", "--milestones", "3,6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, cut = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
@@ -192,7 +202,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert not os.path.exists(cut + ".state")
 
 
-# 6. one line instead of a traceback -------------------------------------------------------------------------------
+# 6. one line instead of a traceback
+#    -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "shape", "labels"])
 def test_broken_cifar_files_are_one_line(tmp_path, damage):
@@ -232,7 +243,8 @@ def test_checkpoint_errors_say_what_is_wrong(tiny, tmp_path):
     assert "folder" in one_line(e)
 
 
-# 8. a quick run never stands in for a protocol run; 9. orphan temp files --------------------------------------------
+# 8. a quick run never stands in for a protocol run; 9. orphan temp files
+#    --------------------------------------------
 
 def test_quick_runs_get_their_own_file_name():
     full, quick = P.parse_args([]), P.parse_args(["--epochs", "1"])

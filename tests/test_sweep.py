@@ -14,6 +14,7 @@ import pytest
 import train
 from tinydata import untag, write_cifar
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ["cifar_c-gaussian_noise-none-s0", "cifar_c-gaussian_noise-fc-s0", "cifar_c-gaussian_noise-all-s0"]
 

@@ -1,5 +1,6 @@
-"""table.py on hand-made results: means, sample stds, Cross-Val's choice (per corruption, ties in block order),
-incomplete cells, the Avg Rank rule on the paper's own table, "no data" columns and the Figure-2 numbers."""
+"""table.py on hand-made results: means, sample stds, Cross-Val's choice (per corruption, ties in block
+order), incomplete cells, the Avg Rank rule on the paper's own table, "no data" columns and the Figure-2
+numbers."""
 import json
 import os
 
@@ -7,9 +8,11 @@ import pytest
 
 import table
 
+
 PAPER = {  # PROTOCOL section 7, columns in table.COLUMNS order
     "all": (79.9, 50.7, 92.8, 79.3, 85.9, 88.0, 82.2), "l1": (81.7, 48.8, 93.4, 78.4, 84.2, 87.6, 82.6),
-    "auto_snr": (80.9, 49.9, 93.5, 77.3, 17.3, 86.3, 78.5), "auto_rgn": (81.4, 51.2, 93.5, 80.6, 87.7, 88.0, 82.2)}
+    "auto_snr": (80.9, 49.9, 93.5, 77.3, 17.3, 86.3, 78.5), "auto_rgn": (81.4, 51.2, 93.5, 80.6, 87.7, 88.0,
+                                                                         82.2)}
 
 
 def put(folder, data, corruption, tune, seed, test, val=0.0, **args):
@@ -21,8 +24,8 @@ def put(folder, data, corruption, tune, seed, test, val=0.0, **args):
 
 @pytest.fixture
 def cifar(tmp_path):
-    """CIFAR-C, 2 corruptions x 3 seeds, and CIFAR-F with one seed. Numbers chosen so that each rule, done wrong,
-    gives a different answer (population std, Cross-Val per dataset, ties to the later block...)."""
+    """CIFAR-C, 2 corruptions x 3 seeds, and CIFAR-F with one seed. Numbers chosen so that each rule, done
+    wrong, gives a different answer (population std, Cross-Val per dataset, ties to the later block...)."""
     d = str(tmp_path)
     for s in range(3):
         for c, base in (("frost", 70), ("snow", 80)):
@@ -41,7 +44,8 @@ def cifar(tmp_path):
     put(d, "cifar_flip", "clean", "fc", 0, 93.8, val=90.0)
     put(d, "cifar_flip", "clean", "all", 0, 85.9)
     put(d, "cifar_flip", "clean", "auto_rgn", 0, 87.7)
-    (tmp_path / "cifar_c-snow-l1-s1.json.tmp4242").write_text('{"data": "cifar_c", "corr')  # a killed run's temp
+    # a killed run's temp
+    (tmp_path / "cifar_c-snow-l1-s1.json.tmp4242").write_text('{"data": "cifar_c", "corr')
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: skipped with a warning
     return tmp_path
 
@@ -53,8 +57,8 @@ def test_means_stds_crossval_and_flags(cifar):
     c = s["cells"]
     assert c[("Full Fine-Tuning", "CIFAR-C")] == pytest.approx((76.0, 1.0, 3, True))  # sample std, not 0.816
     assert c[("No Adaptation", "CIFAR-C")] == (50.0, 0.0, 3, True)
-    # Cross-Val per (dataset, seed), PROTOCOL section 5: val averaged over frost and snow is layer1 60, layer2 65,
-    # layer3 10, fc 57.5 -> layer2 for the whole column, test (99 + 96) / 2 in every seed
+    # Cross-Val per (dataset, seed), PROTOCOL section 5: val averaged over frost and snow is layer1 60, layer2
+    # 65, layer3 10, fc 57.5 -> layer2 for the whole column, test (99 + 96) / 2 in every seed
     assert c[("Cross-Val", "CIFAR-C")] == (97.5, 0.0, 3, True) and s["picks"]["CIFAR-C"] == {"layer2": 3}
     # the extra row, per (corruption, seed): frost -> layer1 (tie on val with layer2, first wins), snow -> fc
     mean, std, n, complete = c[("Cross-Val per corruption (extra)", "CIFAR-C")]
@@ -74,8 +78,8 @@ def test_crossval_needs_every_block(cifar):
     os.remove(cifar / "cifar_c-snow-layer2-s2.json")
     res, _ = table.load(str(cifar))
     cells = table.summarize(res)["cells"]
-    # seed 2 lacks a candidate on snow, so its choice is made on frost alone (layer1, tied with layer2 on val and
-    # first in order: test 62); flagged as not complete
+    # seed 2 lacks a candidate on snow, so its choice is made on frost alone (layer1, tied with layer2 on val
+    # and first in order: test 62); flagged as not complete
     mean, _, n, complete = cells[("Cross-Val", "CIFAR-C")]
     assert (mean, n, complete) == (pytest.approx((97.5 + 97.5 + 62) / 3), 3, False)
     # per corruption, seed 2 keeps frost only (layer1, 62): the seeds' values are (60+86)/2, (61+86)/2, 62
@@ -103,7 +107,8 @@ def test_main_writes_markdown(cifar, capsys):
     assert lines[2] == "| Method | CIFAR-C | IN-C | Living-17 | Entity-30 | CIFAR-F | Waterbirds | CelebA | Avg Rank |"
     rows = [ln.split(" | ")[0][2:] for ln in lines[4:10]]
     assert rows == ["No Adaptation", "Cross-Val", "Full Fine-Tuning", "L1 Regularize", "Auto-SNR", "Auto-RGN"]
-    assert lines[6] == ("| Full Fine-Tuning | 76.0 (1.0) | no data | no data | no data | 85.9 (-) | no data | "
+    assert lines[6] == ("| Full Fine-Tuning | 76.0 (1.0) | no data | no data | no data | 85.9 (-) | no data "
+                        "| "
                         "no data | 2.00 |")
     assert "| L1 Regularize | 81.0 (-)* |" in md and "| Auto-SNR | - |" in md
     assert "results differ in epochs: 15, 3" in md and "Cross-Val picked layer2 x3" in md
@@ -120,7 +125,8 @@ def test_no_results_is_one_clear_error(tmp_path):
 def test_variants_and_memo_get_their_own_rows(tmp_path):
     d = str(tmp_path)
     put(d, "cifar_flip", "clean", "auto_snr", 0, 17.0)
-    r = {"data": "cifar_flip", "corruption": "clean", "tune": "auto_snr", "seed": 0, "test_acc": 90.0, "val_acc": 0,
+    r = {"data": "cifar_flip", "corruption": "clean", "tune": "auto_snr", "seed": 0, "test_acc": 90.0,
+         "val_acc": 0,
          "variant": "snr_per_example", "args": {"epochs": 15}}
     (tmp_path / "cifar_flip-clean-auto_snr-s0-snr_per_example.json").write_text(json.dumps(r))
     for t, acc in (("none", 60.0), ("layer1+layer2", 75.0)):
@@ -129,7 +135,8 @@ def test_variants_and_memo_get_their_own_rows(tmp_path):
                  "val_acc": None, "objective": "memo", "args": {}}
             (tmp_path / f"cifar_c-{c}-{t}-s0-memo.json").write_text(json.dumps(m))
     md = table.render(*table.load(d), d)
-    assert "| Auto-SNR | no data | no data | no data | no data | 17.0 (-) |" in md  # the default criterion's cell
+    # the default criterion's cell
+    assert "| Auto-SNR | no data | no data | no data | no data | 17.0 (-) |" in md
     assert "| auto_snr[snr_per_example] | 90.0 (-) |" in md  # the variant: its own row, never averaged in
     assert "## Unsupervised: MEMO" in md and "| layer1+layer2 | 75.5 (-) |" in md and "| none | 60.5 (-) |" in md
 

@@ -5,10 +5,11 @@ import sys
 import pytest
 import torch
 
+import checkpoints as CK
 import model as M
 import train
 from tinydata import write_cifar
-import checkpoints as CK
+
 
 
 def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):

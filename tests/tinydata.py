@@ -6,8 +6,10 @@ import re
 import numpy as np
 
 
+
 def make_images(n, seed=0, num_classes=10):
-    """(n,3,32,32) uint8 images whose class shows as a colour bias, so a net can learn it; labels cycle classes."""
+    """(n,3,32,32) uint8 images whose class shows as a colour bias, so a net can learn it; labels cycle
+    classes."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % num_classes
     x = rng.integers(0, 160, (n, 3, 32, 32))
@@ -16,7 +18,8 @@ def make_images(n, seed=0, num_classes=10):
 
 
 def write_cifar(root, train_sizes=(60, 45, 73), test_size=50, seed=0):
-    """Write <root>/cifar-10-batches-py with data_batch_1.. of the given sizes and a test_batch; returns the folder."""
+    """Write <root>/cifar-10-batches-py with data_batch_1.. of the given sizes and a test_batch; returns the
+    folder."""
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     files = [(f"data_batch_{i + 1}", n) for i, n in enumerate(train_sizes)] + [("test_batch", test_size)]
@@ -29,22 +32,24 @@ def write_cifar(root, train_sizes=(60, 45, 73), test_size=50, seed=0):
 
 
 def narrow_resnet26(num_classes=10):
-    """A narrow, shallow ResNet-26 with the same parameter names (n=2 units per stage, widths 8/8/16): ~30x faster
-    on a CPU, same code paths. Tests patch it into model.ARCHS["resnet26"]."""
+    """A narrow, shallow ResNet-26 with the same parameter names (n=2 units per stage, widths 8/8/16): ~30x
+    faster on a CPU, same code paths. Tests patch it into model.ARCHS["resnet26"]."""
     import model
     return model.ResNet26(num_classes, n=2, widths=(8, 8, 16))
 
 
 def tiny_resnet50(num_classes=1000, weights=None):
-    """ResNet-50's shape and parameter names (stem, 4 bottleneck stages, fc; BatchNorm) with one unit per stage and
-    narrow bottlenecks: runs on a CPU in milliseconds. Tests patch it into model.ARCHS["resnet50"]."""
+    """ResNet-50's shape and parameter names (stem, 4 bottleneck stages, fc; BatchNorm) with one unit per
+    stage and narrow bottlenecks: runs on a CPU in milliseconds. Tests patch it into
+    model.ARCHS["resnet50"]."""
     import model
     assert weights is None, "tests never download weights"
     return model.ResNet50(num_classes, layers=(1, 1, 1, 1), width=8)
 
 
 def untag(name):
-    """A result file name without its settings tag (-p<hash>, finetune.result_path): tests run at tiny settings."""
+    """A result file name without its settings tag (-p<hash>, finetune.result_path): tests run at tiny
+    settings."""
     return re.sub(r"-p[0-9a-f]{8}(?=\.json$|\.log$)", "", name)
 
 
