@@ -11,8 +11,7 @@ The speed numbers in the README, one function per benchmark, on the current devi
 finetune: one run = one lr, 15 epochs on 1,000 target images (16 steps of 64), val (100) after every epoch and
 before the first, test (900) where val sets a record, as finetune.py runs it. The prefix cache computes the
 frozen stages once; without it every step runs them. corruptions: seconds for all 19 corruptions x 5
-severities of --n_images images, after a warm-up call each. Measured numbers, hardware and commands: README
-"Speed".
+severities of --n_images images, after a warm-up call each. Measured numbers: README "Speed".
 """
 import argparse
 import copy
@@ -90,8 +89,7 @@ def bench_finetune(args, dev):
     time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}), dev, False)
     print(f"fine-tuning {source.arch}, one lr: {args.epochs} epochs on {args.train_n} images of {px} px "
           f"(batch {args.batch_size}), val {args.val_n} evaluated {args.epochs + 1} times, test "
-          f"{args.test_n} "
-          f"at val records; {C.device_name(dev)}")
+          f"{args.test_n} at val records; {C.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s} {'speedup':>8s}")
     rows = {}
     for tune in args.tunes.split(","):
@@ -106,8 +104,7 @@ def bench_finetune(args, dev):
     if args.data == "cifar_c" and "fc" in rows and "all" in rows:
         r = rows["all"]["on"] / rows["fc"]["on"]
         print(f"acceptance: fc {rows['fc']['on']:.2f}s vs all {rows['all']['on']:.2f}s with the cache = "
-              f"{r:.1f}x "
-              f"({'PASS' if r >= 10 else 'FAIL'}: needs >= 10x)")
+              f"{r:.1f}x ({'PASS' if r >= 10 else 'FAIL'}: needs >= 10x)")
     return rows
 
 

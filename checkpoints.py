@@ -50,8 +50,7 @@ def paper_checkpoint_path():
             torch.hub.download_url_to_file(PAPER_CKPT_URL, path, progress=False)
         except Exception as e:  # offline, proxy, HTTP error
             raise SystemExit(f"error: could not download the paper's checkpoint ({type(e).__name__}); "
-                             "offline? fetch "
-                             f"{PAPER_CKPT_URL} elsewhere and pass its path as --ckpt")
+                             f"offline? fetch {PAPER_CKPT_URL} elsewhere and pass its path as --ckpt")
     return path
 
 
@@ -100,8 +99,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "not found"
         raise SystemExit(f"error: checkpoint {path} {what}; use --ckpt paper (the paper's model) or train "
-                         "one with: "
-                         f"python train.py --out {path}")
+                         f"one with: python train.py --out {path}")
     paper = _is_paper_format(path)
     try:
         if paper:
@@ -119,10 +117,8 @@ def load_checkpoint(path, device="cpu"):
                 version = ckpt.get("version") if isinstance(ckpt, dict) else None
                 if version is not None and version != CKPT_VERSION:
                     raise SystemExit(f"error: {path} is a version-{version} checkpoint and this code reads "
-                                     "version "
-                                     f"{CKPT_VERSION}; use the copy of the project that wrote it, or retrain "
-                                     "with: "
-                                     f"python train.py --out another path")
+                                     f"version {CKPT_VERSION}; use the copy of the project that wrote it, or "
+                                     "retrain with: python train.py --out another path")
                 assert version == CKPT_VERSION, "not a checkpoint dict"
                 model = M.build_model(ckpt["arch"], ckpt["num_classes"])
                 model.load_state_dict(ckpt["state_dict"])
@@ -135,8 +131,7 @@ def load_checkpoint(path, device="cpu"):
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # a diverged run's file: never fine-tuned
         raise SystemExit(f"error: {path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): a "
-                         "diverged "
-                         f"run; retrain it")
+                         "diverged run; retrain it")
     return model.to(device), ckpt
 
 
@@ -152,8 +147,7 @@ def load_source(args, dev):
         if args.data.startswith("cifar"):
             data_flag = "--data cifar10"
         raise SystemExit(f"error: no checkpoint at {args.ckpt}; use --ckpt paper (CIFAR: the paper's model) "
-                         "or train "
-                         f"one first: python train.py {data_flag} --out {args.ckpt}")
+                         f"or train one first: python train.py {data_flag} --out {args.ckpt}")
     source, ckpt = load_checkpoint(args.ckpt, dev)
     arch = "resnet26" if args.data.startswith("cifar") else "resnet50"
     if args.data.startswith("cifar") and ckpt["num_classes"] != 10:

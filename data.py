@@ -35,8 +35,7 @@ def _read_batches(folder, names):
             x, y = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
         except Exception as e:  # truncated, not a pickle, not a dict, no data / labels
             raise SystemExit(f"error: {path} is not a CIFAR-10 python batch ({type(e).__name__}); replace it "
-                             "with the "
-                             f"file from the official archive {CIFAR_URL}")
+                             f"with the file from the official archive {CIFAR_URL}")
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y) or ((y < 0) | (y > 9)).any():
             raise SystemExit(f"error: {path} holds data of shape {x.shape} and {len(y)} labels in "
                              f"{y.min(initial=0)}"
@@ -127,8 +126,7 @@ def _parse_names(spec, presets, valid, what):
     bad = [n for n in names if n not in valid]
     if bad or not names:
         raise SystemExit(f"error: unknown {what} {','.join(bad) or spec!r}; valid: {', '.join(presets)} or "
-                         "any of "
-                         f"{', '.join(valid)}")
+                         f"any of {', '.join(valid)}")
     return names
 
 
@@ -162,8 +160,7 @@ def source_and_pool(d, holdout=0):
     (xt, yt), (xs, ys) = d["train"], d["test"]
     if not 0 <= holdout < len(xt):
         raise SystemExit(f"error: --holdout {holdout} must be in 0..{len(xt) - 1}: the training split has "
-                         f"{len(xt):,d} "
-                         f"images and some must stay for source training")
+                         f"{len(xt):,d} images and some must stay for source training")
     if holdout:
         pool = (torch.cat([xs, xt[-holdout:]]), torch.cat([ys, yt[-holdout:]]))
         return (xt[:-holdout], yt[:-holdout]), pool
@@ -198,9 +195,8 @@ def target_split(y, train_n=1000, val_per_class=10, test_per_class=90, seed=0, n
     and seed only, so every corruption and tune shares it. Returns {"train": idx, "val": idx, "test": idx}."""
     if train_n % num_classes or min(train_n, val_per_class) < 1 or test_per_class < 0:
         raise SystemExit(f"error: --train_n {train_n} must be a positive multiple of {num_classes} (balanced "
-                         "classes), "
-                         f"--val_per_class {val_per_class} at least 1 and --test_per_class {test_per_class} "
-                         ">= 0")
+                         f"classes), --val_per_class {val_per_class} at least 1 and --test_per_class "
+                         f"{test_per_class} >= 0")
     if (y < 0).any() or (y >= num_classes).any():
         raise SystemExit(f"error: labels outside 0..{num_classes - 1} in the target pool; is this CIFAR-10?")
     counts = [[n] * num_classes for n in (train_n // num_classes, val_per_class, test_per_class or None)]
@@ -218,16 +214,14 @@ def load_release(folder, corruption, severity, expect_labels=None):
     path = os.path.join(folder, f"{corruption}.npy")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, "labels.npy")):
         raise SystemExit(f"error: {path} or labels.npy missing; --cifar10c_dir must hold the official "
-                         "CIFAR-10-C "
-                         f"release (https://zenodo.org/record/2535967)")
+                         "CIFAR-10-C release (https://zenodo.org/record/2535967)")
     x = np.load(path, mmap_mode="r")
     if x.shape != (50000, 32, 32, 3):
         raise SystemExit(f"error: {path} has shape {x.shape}, expected (50000, 32, 32, 3)")
     y = torch.from_numpy(np.load(os.path.join(folder, "labels.npy"))[(severity - 1) * 10000:severity * 10000])
     if expect_labels is not None and not torch.equal(y.long(), expect_labels):
         raise SystemExit(f"error: labels.npy in {folder} does not match the CIFAR-10 test labels; the "
-                         "release "
-                         f"stands in for the test split only (train without --holdout)")
+                         "release stands in for the test split only (train without --holdout)")
     return torch.from_numpy(np.array(x[(severity - 1) * 10000:severity * 10000])).permute(0, 3, 1, 2)
 
 
@@ -266,9 +260,8 @@ def cifar_targets(args, corruptions, holdout, dev):
         (f"read from {args.cifar10c_dir}" if args.cifar10c_dir
          else f"generated (seed {args.corruption_seed})"))
     print(f"target: {args.data}, {shift}; pool {len(pool[1]):,d} images (test split + {holdout} held out); "
-          "split "
-          f"(seed {args.split_seed}) per class: train {args.train_n // 10}, val {args.val_per_class}, test "
-          f"{args.test_per_class or 'the rest'}")
+          f"split (seed {args.split_seed}) per class: train {args.train_n // 10}, val {args.val_per_class}, "
+          f"test {args.test_per_class or 'the rest'}")
     clean = tuple(t.to(dev) for t in d["test"])
     for c in corruptions:
         xs, ys = shifted_pool(pool, args.data if args.data == "cifar_flip" else c, args.severity,

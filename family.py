@@ -247,8 +247,7 @@ def group_files(name, root):
         folder = os.path.join(root, "celeba", "img_align_celeba")
         for f in (attr, part):
             if not os.path.isfile(f):
-                raise SystemExit(f"error: {f} is missing; --data_dir must be torchvision's CelebA root "
-                                 "holding "
+                raise SystemExit(f"error: {f} is missing; --data_dir must be the CelebA root holding "
                                  "celeba/list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba/")
         with open(attr) as f:
             f.readline()  # the image count
@@ -256,15 +255,13 @@ def group_files(name, root):
             missing = [c for c in ("Blond_Hair", "Male") if c not in cols]
             if missing:
                 raise SystemExit(f"error: {attr} lacks the attribute column {', '.join(missing)}; expected "
-                                 "line 2 to "
-                                 f"name the 40 attributes, Blond_Hair and Male among them")
+                                 "line 2 to name the 40 attributes, Blond_Hair and Male among them")
             # +1: field 0 is the file
             ya, fields = {}, [(c, cols.index(c) + 1) for c in ("Blond_Hair", "Male")]
             for i, v in enumerate((line.split() for line in f), 3):
                 if v and len(v) != len(cols) + 1:
                     raise SystemExit(f"error: {attr} line {i} has {len(v)} fields; expected <file> and "
-                                     f"{len(cols)} "
-                                     f"values -1/1")
+                                     f"{len(cols)} values -1/1")
                 if v:  # file -> (blond, male) as 0/1
                     ya[v[0]] = tuple(_pick(v[j], ("-1", "1"), attr, f"line {i}", c) for c, j in fields)
         for file, split in _pairs(part, None, "'<file> <0|1|2>' per line"):
@@ -293,8 +290,7 @@ def family_source(name, root, info_dir=None, size=224, cache_dir=None, limit=0):
     test. limit > 0: a seeded random subset of at most limit training images."""
     if name == "imagenet_c":
         raise SystemExit("error: imagenet_c has no source training: its source is torchvision's "
-                         "ImageNet-pretrained "
-                         "ResNet-50 (finetune.py --ckpt imagenet)")
+                         "ImageNet-pretrained ResNet-50 (finetune.py --ckpt imagenet)")
     _check_family(name, root)
     if name in BREEDS:
         f = breeds_files(name, root, info_dir)
@@ -367,13 +363,11 @@ def family_targets(args, corruptions, num_classes, dev):
             if args.ckpt != "imagenet":
                 fix = f"retrain {args.ckpt} on it"
             raise SystemExit(f"error: {args.data_dir} has {t['num_classes']} classes but the source model "
-                             "has "
-                             f"{num_classes} outputs; {fix}")
+                             f"has {num_classes} outputs; {fix}")
         groups = t["groups"] or {}
         if i == 0:
             print(f"target: {args.data} from {args.data_dir}, {t['num_classes']} classes, {args.image_size} "
-                  "px; "
-                  f"split (seed {args.split_seed}) per {'group' if groups else 'class'}: "
+                  f"px; split (seed {args.split_seed}) per {'group' if groups else 'class'}: "
                   + ", ".join(f"{s} {t[s][1].numel():,d}" for s in ("train", "val", "test"))
                   + ("; metric: worst-group accuracy" if groups else ""))
         splits = {s: tuple(v.to(dev) for v in (*t[s], *([groups[s]] if s in groups else [])))

@@ -236,8 +236,7 @@ def run(args, source, target, clean, corruption, acc_before, where=lambda f: "",
     at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names and sel["epoch"] is not None else args.objective
     kept = f" | source test {source_acc:.2f}% (before {acc_before:.2f}%)" if clean else ""
     log(f"{where(1.0)} result: test {res['test_acc']:.2f}% ({res['metric']}; val {sel['val_acc'] or 0:.1f}% "
-        f"at {at})"
-        f"{kept} | {C.fmt_time(res['seconds'])} -> {path}")
+        f"at {at}){kept} | {C.fmt_time(res['seconds'])} -> {path}")
     return res
 
 
@@ -259,8 +258,7 @@ def main(argv=None):
           f"Adam, lr grid {args.lrs}" + (f" (fc alone: {P.FC_LRS})" if args.data.startswith("cifar") else "")
           + (f" x lambda {args.l1_lambdas}" if args.tune == "l1" else "") + f", wd {args.wd:g}, batch "
           f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}, BatchNorm {args.bn}; selection: best "
-          "val "
-          f"accuracy over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there"))
+          f"val accuracy over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there"))
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, (c, target, clean_c) in enumerate(targets):
         if clean_c is not None and clean_c is not clean:  # the source accuracy, once per source test split

@@ -127,9 +127,8 @@ def imagenet_weights():
         return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except Exception as e:  # offline, proxy, disk full...
         raise SystemExit("error: could not fetch torchvision's ImageNet ResNet-50 weights "
-                         f"({type(e).__name__}); go "
-                         "online once (they are cached under ~/.cache/torch/hub) or pass --weights none "
-                         "(random init)")
+                         f"({type(e).__name__}); go online once (they are cached under ~/.cache/torch/hub) "
+                         "or pass --weights none (random init)")
 
 
 class ResNet50(Staged):

@@ -137,8 +137,7 @@ def check(args):
         lrs, lambdas = ([float(v) for v in s.split(",") if v] for s in (args.lrs, args.l1_lambdas))
     except ValueError:
         raise SystemExit(f"error: --lrs {args.lrs!r} and --l1_lambdas {args.l1_lambdas!r} must be comma "
-                         "lists of "
-                         f"numbers")
+                         "lists of numbers")
     bad = []
     if not lrs or not lambdas or not all(math.isfinite(v) and v > 0 for v in lrs + lambdas):
         bad.append(f"--lrs {args.lrs} and --l1_lambdas {args.l1_lambdas} must list finite numbers > 0")

@@ -1,38 +1,31 @@
 """
 The paper's two automatic ways of choosing what to fine-tune (Lee et al. 2023, section 5; PROTOCOL section 6).
 
-Auto-RGN: Adam with one learning rate per parameter tensor, lr * RGN / max(RGN), where the relative gradient
-norm RGN = ||g|| / ||theta|| (Frobenius) is averaged over `measure_steps` minibatches each epoch. A drop-in
-for Adam:
+Auto-RGN: Adam with a learning rate per tensor, lr * RGN / max(RGN), where the relative gradient norm
+RGN = ||g|| / ||theta|| is averaged over `measure_steps` minibatches each epoch. A drop-in for Adam:
 
     opt = AutoRGN(model.named_parameters(), lr=1e-3, weight_decay=1e-4, steps_per_epoch=16)
     for epoch in range(15):
         for x, y in batches:
             F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
 
-With steps_per_epoch the epoch's first 5 training batches are measured and trained on (step k <= 5 uses the
-mean of batches 1..k). The authors' scheme (anniesch/surgical-finetuning, main.py), finetune.py's default:
-call opt.new_epoch(), then opt.measure() instead of step() on 5 extra batches at the epoch-start weights. As
-in their code, norm layers stay frozen (opt.frozen; include_norm=True trains them) and Adam's moments restart
-every epoch (keep_state=True keeps them).
-
-Auto-SNR keeps the tensors scoring >= a threshold (snr_select): eb_scores() is the authors' criterion
-(finetune.py's default, re-selected every epoch); snr_scores() the signal-to-noise ratio of per-example
-gradients (torch.func).
+Here the epoch's first 5 batches are measured and trained on. The authors' scheme (finetune.py's default):
+opt.new_epoch(), then opt.measure() instead of step() on 5 extra batches at the epoch-start weights. As
+there, norms stay frozen (include_norm=True trains them) and Adam restarts every epoch (not: keep_state).
+Auto-SNR: eb_scores() is the authors' criterion, snr_scores() the SNR of per-example gradients; snr_select()
+keeps the tensors scoring >= a threshold.
 """
 import re
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-# bn1, layer1.0.bn3, layer1.0.downsample.1 (torchvision), norm, norm1, layernorm, ln_1, gn: weight or bias of
-# a norm
+# a norm's weight or bias: bn1, layer1.0.bn3, layer1.0.downsample.1 (torchvision), norm, norm1, ln_1, gn
 NORM_NAME = re.compile(r"(^|\.)((bn|ln|gn)[\d_]*|\w*norm\w*|downsample\.1)\.(weight|bias)$")
 
 
 def norm_param_names(model):
-    """Names of the parameters of every normalisation module (BatchNorm, GroupNorm, LayerNorm, ...), by
-    type."""
+    """Names of the parameters of every normalisation module (BatchNorm, GroupNorm, ...), by type."""
     return {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if "Norm" in type(m).__name__
             for pn, _ in m.named_parameters(recurse=False)}
 
@@ -40,13 +33,11 @@ def norm_param_names(model):
 def is_norm(name, p, norm_names=None):
     if norm_names is not None:
         return name in norm_names
-    # norm affine parameters are per-channel vectors
-    return p.dim() == 1 and NORM_NAME.search(name) is not None
+    return p.dim() == 1 and NORM_NAME.search(name) is not None  # norm parameters: per-channel vectors
 
 
 class AutoRGN(torch.optim.Adam):
-    """Adam, one param group per tensor, group lr = lr * multiplier. opt.multipliers: name -> latest
-    multiplier."""
+    """Adam, one param group per tensor, lr * multiplier each. opt.multipliers: name -> latest multiplier."""
 
     def __init__(self, named_params, lr=1e-3, weight_decay=0.0, steps_per_epoch=None, measure_steps=5,
                  include_norm=False, keep_state=False, norm_names=None, **adam_kw):
@@ -70,8 +61,7 @@ class AutoRGN(torch.optim.Adam):
 
     @torch.no_grad()
     def measure(self):
-        """Add the current gradients to this epoch's mean RGN and set the rates from it; moves no
-        parameter."""
+        """Add the current gradients to this epoch's mean RGN and set the rates from it; no step."""
         ps = [g["params"][0] for g in self.param_groups]
         zero = torch.zeros((), device=ps[0].device)  # a tensor without a gradient
         g_norm = torch.stack([p.grad.float().norm() if p.grad is not None else zero for p in ps])
@@ -101,14 +91,12 @@ class AutoRGN(torch.optim.Adam):
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none)
-        # frozen norms still get gradients from backward; do not let them pile up
-        for p in self._frozen_params:
+        for p in self._frozen_params:  # frozen norms get gradients from backward too: drop them
             p.grad = None
 
 
 def block_multipliers(multipliers, blocks):
-    """Mean multiplier per block of a prefix table (model.BLOCKS[arch]), over the block's tensors, for one log
-    line."""
+    """Mean multiplier per block of a prefix table (model.BLOCKS[arch]) over the block's tensors."""
     out = {}
     for b, prefixes in blocks.items():
         ms = [m for n, m in multipliers.items() if n.startswith(tuple(prefixes))]
@@ -118,11 +106,9 @@ def block_multipliers(multipliers, blocks):
 
 
 def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
-    """Auto-SNR score in [0, 1] per tensor in names (default: every trainable one), from one batch x, y of N
-    >= 2 examples. Per entry SNR = mean_n(g)^2 / var_n(g) (unbiased var over the N per-example gradients;
-    entries with zero variance count 0), averaged over the tensor's entries, then min-max normalised across
-    the tensors. loss_fn(logits, targets) -> scalar sees one example at a time. Put BatchNorm nets in eval()
-    first."""
+    """Auto-SNR score in [0, 1] per tensor in names (default: every trainable one) from one batch of N >= 2
+    examples: per entry mean_n(g)^2 / var_n(g) of the per-example gradients (0 where var is 0), averaged over
+    the entries, min-max normalised across tensors. loss_fn(logits, targets) sees one example at a time."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = [n for n, p in model.named_parameters() if p.requires_grad] if names is None else list(names)
     scored = {n: params[n] for n in names}
@@ -131,8 +117,7 @@ def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
     def example_loss(scored, xi, yi):  # vmap strips the batch dim; the model wants it back: (1, ...)
         return loss_fn(functional_call(model, {**fixed, **scored}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
-    # name -> (N, *shape)
-    g = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(scored, x, y)
+    g = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(scored, x, y)  # {n: (N, ...)}
     raw = {}
     for n, gn in g.items():
         mean, var = gn.mean(0), gn.var(0)
@@ -142,12 +127,10 @@ def snr_scores(model, loss_fn, x, y, names=None, chunk_size=None):
 
 
 def eb_scores(loss_fn, batches, named):
-    """The authors' Auto-SNR criterion (their "eb-criterion", main.py get_lr_weights): for each minibatch (x,
-    y) the minibatch gradient g of every tensor in named [(name, param)] is scored by mean(g^2 / (var(g, dim
-    0) + 1e-8)), the variance over the tensor's first dimension (output channels / classes; unbiased), and the
-    scores are averaged over the minibatches. A classifier head's gradient sums to zero over the classes, so
-    its score is at most (C-1)/C: with the 0.95 threshold a 10-class head never trains. loss_fn(x, y) ->
-    scalar. Returns {name: score}."""
+    """The authors' Auto-SNR criterion ("eb-criterion", main.py get_lr_weights): each tensor of named
+    [(name, param)] scores mean(g^2 / (var(g, dim 0) + 1e-8)) for its minibatch gradient g, the variance over
+    its first dimension (unbiased), averaged over the batches. A head's gradient sums to zero over the
+    classes, so its score is at most (C-1)/C: at 0.95 a 10-class head never trains. Returns {name: score}."""
     sums, k = dict.fromkeys((n for n, _ in named), 0.0), 0
     for k, (x, y) in enumerate(batches, 1):
         grads = torch.autograd.grad(loss_fn(x, y), [p for _, p in named])

@@ -160,18 +160,15 @@ def render(res, notes, folder):
         cells = [fmt(s["cells"][(row, c)]) if c in s["grid"] else "no data" for c in cols]
         lines.append(f"| {row} | {' | '.join(cells)} | {'-' if r is None else f'{r:.2f}'} |")
     lines += ["", "std: sample standard deviation over seeds. * = not complete: some (corruption, seed) runs "
-                  "that "
-              "the column has for other methods are missing here; the cell averages what there is."]
+                  "that the column has for other methods are missing here; the cell averages what there is."]
     for col, (cs, seeds) in s["grid"].items():
         picks = ", ".join(f"{b} x{n}" for b, n in sorted(s["picks"][col].items(),
                                                          key=lambda x: BLOCKS.index(x[0])))
         lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): "
-                     f"{', '.join(cs)}; "
-                     f"Cross-Val picked {picks or 'nothing'}")
+                     f"{', '.join(cs)}; Cross-Val picked {picks or 'nothing'}")
     if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):
         lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), selected "
-                     "on "
-                     "worst-group val accuracy; each result's test_avg_acc holds the average over the 4 "
+                     "on worst-group val accuracy; each result's test_avg_acc holds the average over the 4 "
                      "groups.")
     for key in SAME:  # results of different protocols in one column would be averaged together: say so
         for col, data in COLUMNS.items():
@@ -241,23 +238,20 @@ def versus_paper(s, res):
         if want in m and len(m) > 1:
             best = max(m, key=m.get)
             lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in m.items())}; {n} runs "
-                         "each); "
-                         f"the paper: {want}, above every other block and full fine-tuning -> "
+                         f"each); the paper: {want}, above every other block and full fine-tuning -> "
                          f"{'holds' if best == want else 'fails'}")
     for c in cols:
         m, n = paired(res, COLUMNS[c], ("auto_rgn", "all"))
         if len(m) == 2:
             lines.append(f"- {c}: Auto-RGN {m['auto_rgn']:.1f} vs full fine-tuning {m['all']:.1f} ({n} runs "
-                         "each); the "
-                         "paper: at or above -> "
+                         "each); the paper: at or above -> "
                          f"{'holds' if round(m['auto_rgn'], 1) >= round(m['all'], 1) else 'fails'}")
     m, n = paired(res, "cifar_c/memo", ("layer1", "all", "none", "fc"))
     if len(m) == 4:
         order = m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
         lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none {m['none']:.1f}, fc "
-                     f"{m['fc']:.1f} "
-                     f"({n} corruptions); the paper: layer1 > all > none ~ fc (75.4 / 69.7 / 67.8 / 67.8) -> "
-                     f"{'holds' if order else 'fails'}")
+                     f"{m['fc']:.1f} ({n} corruptions); the paper: layer1 > all > none ~ fc (75.4 / 69.7 / "
+                     f"67.8 / 67.8) -> {'holds' if order else 'fails'}")
     return lines
 
 
@@ -297,10 +291,9 @@ def unsupervised(res):
         every = sorted(c for c in cs if all((c, t, s) in rs for t in tunes for c_, s in grid if c_ == c))
         named = [c for c in UNSUP_NAMED if c in cs]
         lines += ["", f"## Unsupervised: {title}", "",
-                  "CIFAR-C accuracy (%) on the adapted images. \"paired\": "
-                  f"the mean over the {len(every)} corruption(s) every tune has "
-                  f"({', '.join(every) or 'none'}); "
-                  f"\"all run\": over whatever each tune has of the {len(cs)} present ({', '.join(cs)}).", "",
+                  f"CIFAR-C accuracy (%) on the adapted images. \"paired\": the mean over the {len(every)} "
+                  f"corruption(s) every tune has ({', '.join(every) or 'none'}); \"all run\": over whatever "
+                  f"each tune has of the {len(cs)} present ({', '.join(cs)}).", "",
                   f"| Tune | paired | all run | {' | '.join(named)} |", "|---" * (len(named) + 3) + "|"]
         for t in [t for t in UNSUP_TUNES if t in tunes] + sorted(tunes - set(UNSUP_TUNES)):
             acc = {(c, s): v for (c, t_, s), v in rs.items() if t_ == t}

@@ -127,10 +127,8 @@ def train(args):
     g = torch.Generator(device=xtr.device).manual_seed(args.seed)
     pad = xtr.shape[-1] // 8  # crop padding: 4 px at 32 (the CIFAR recipe), 28 at 224
     print(f"source training ({args.data}, {args.arch}{', from ImageNet weights' if weights else ''}): "
-          f"{len(xtr):,d} "
-          f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} (x0.1 at {args.milestones}), "
-          "wd "
-          f"{args.wd}, {sum(p.numel() for p in raw.parameters()):,d} parameters")
+          f"{len(xtr):,d} images, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} (x0.1 at "
+          f"{args.milestones}), wd {args.wd}, {sum(p.numel() for p in raw.parameters()):,d} parameters")
     # everything the next epoch depends on, saved after each: weights, optimizer, schedule, both random
     # streams
     st, config = f"{args.out}.state", {k: getattr(args, k) for k in STATE_KEYS}
@@ -141,8 +139,7 @@ def train(args):
         s = torch.load(st, map_location=dev, weights_only=True)
         if s["config"] != config:
             raise SystemExit(f"error: {st} was written with other settings ({s['config']}); delete it or run "
-                             "without "
-                             f"--resume")
+                             "without --resume")
         raw.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         sched.load_state_dict(s["sched"])
@@ -179,8 +176,7 @@ def train(args):
         print(f"epoch {epoch:3d}/{args.epochs} | loss {tot / len(xtr):.3f} | train "
               f"{100 * correct / len(xtr):5.1f}% | "
               f"test {f'{test_acc:5.1f}%' if scored else '  -   '} | {ips:,.0f} img/s | {C.fmt_time(el)} "
-              "elapsed, "
-              f"ETA {C.fmt_time(el / epoch * (args.epochs - epoch))}")
+              f"elapsed, ETA {C.fmt_time(el / epoch * (args.epochs - epoch))}")
     metrics = {"test_acc": None if math.isnan(test_acc) else test_acc, "train_images": len(xtr),
                "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev)}
     return raw, metrics

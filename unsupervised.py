@@ -60,17 +60,15 @@ def check(args, methods):
     if args.objective == "memo" and (args.tune in methods or args.data != "cifar_c" or args.memo_copies < 1
                                      or not (math.isfinite(args.memo_lr) and args.memo_lr > 0)):
         raise SystemExit("error: --objective memo needs --data cifar_c, --memo_copies >= 1, --memo_lr > 0 "
-                         "and a "
-                         "block or prefix list as --tune (the automatic methods select with labels or over "
-                         "epochs)")
+                         "and a block or prefix list as --tune (the automatic methods select with labels or "
+                         "over epochs)")
 
 
 def describe(args, dev):
     if args.objective == "memo":
         return (f"MEMO: per test image (order: seed {args.seed}), from the source weights, "
-                f"{args.memo_copies} AugMix "
-                f"copies, one SGD step at lr {args.memo_lr:g} on the entropy of their mean prediction; no "
-                "label read")
+                f"{args.memo_copies} AugMix copies, one SGD step at lr {args.memo_lr:g} on the entropy of "
+                "their mean prediction; no label read")
     return (f"entropy stream (order: seed {args.seed}), batches of {args.ent_batch_size}, " +
             ("each adapted from the source, then predicted" if args.episodic else
              "each predicted, then adapted on")

@@ -108,8 +108,7 @@ def test_main_writes_markdown(cifar, capsys):
     rows = [ln.split(" | ")[0][2:] for ln in lines[4:10]]
     assert rows == ["No Adaptation", "Cross-Val", "Full Fine-Tuning", "L1 Regularize", "Auto-SNR", "Auto-RGN"]
     assert lines[6] == ("| Full Fine-Tuning | 76.0 (1.0) | no data | no data | no data | 85.9 (-) | no data "
-                        "| "
-                        "no data | 2.00 |")
+                        "| no data | 2.00 |")
     assert "| L1 Regularize | 81.0 (-)* |" in md and "| Auto-SNR | - |" in md
     assert "results differ in epochs: 15, 3" in md and "Cross-Val picked layer2 x3" in md
     assert "| layer1 | +3.0 (0.5) | - |" in md and "| all (absolute) | 76.0 (1.0) | 85.9 (-) |" in md
