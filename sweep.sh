@@ -1,113 +1,80 @@
 #!/usr/bin/env bash
-# The paper's table (PROTOCOL section 7): train the source model if $CKPT is missing, run finetune.py once per
-# (dataset, corruption, method, seed) whose result JSON is missing, then table.py -> $RESULTS/table.md.
-#   bash sweep.sh                  # CIFAR: 2 datasets x (14 corruptions | clean) x 9 methods x 3 seeds = 405 runs;
-#                                  # each ImageNet-family column too when its folder is there ("no data: X" if not)
-#   JOBS=8 bash sweep.sh           # 8 runs at once; worker slot i runs on visible GPU i mod (number of GPUs)
-#   SMALL=1 DATA_DIR=../shared/data/cifar10-sample bash sweep.sh   # all of it at CPU scale: 11 min, 2 busy cores
-#   bash sweep.sh --list           # the pending runs, one a line: result path <TAB> finetune.py flags
-#   JOBS=50 bash sweep.sh --slurm  # the same as a Slurm job array (slurm/array.sbatch); then python table.py
-# Knobs: environment variables (below). Resumable: a run whose JSON exists is skipped; finetune.py writes it to a
-# temp file and renames it, so a kill at any moment (SIGKILL too) loses only the runs in flight.
+# The paper's table (PROTOCOL section 7): trains missing source models, runs finetune.py once per (dataset,
+# corruption, method, seed) whose JSON is missing (a kill loses only runs in flight), then table.py. Modes:
+# --list (pending runs: path TAB flags), --sources (train.py lines), --one LINE (one run: a worker's job).
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-one() {  # one run-list line: skip if its result exists or another sweep runs it, else finetune.py, one progress line
-  IFS=$'\t' read -r out args <<< "$1" && [ ! -f "$out" ] || return 0
-  # a lock per run, held by finetune.py too: sweeps that share a results folder (or a killed sweep's runs still
-  # in flight) never run the same run twice; taken, then the result checked again
-  mkdir -p "$(dirname "$out")/.locks" && exec {lock}>>"$(dirname "$out")/.locks/$(basename "$out" .json)"
-  flock -n "$lock" && [ ! -f "$out" ] || return 0
-  read -ra gpus <<< "${GPUS:-}"  # a local worker slot keeps its GPU; Slurm sets CUDA_VISIBLE_DEVICES itself
-  [ ${#gpus[@]} -gt 0 ] && [ -n "${SLOT:-}" ] && export CUDA_VISIBLE_DEVICES=${gpus[SLOT % ${#gpus[@]}]}
-  log=$(dirname "$out")/logs/$(basename "$out" .json).log && t0=$(date +%s) && mkdir -p "$(dirname "$log")"
-  if eval "python \"$HERE/finetune.py\" $args" > "$log" 2>&1 < /dev/null; then
-    acc=$(python -c 'import json, sys; print("%.2f%%" % json.load(open(sys.argv[1]))["test_acc"])' "$out")
-  else acc="FAILED, see $log"; fi
-  k="task ${SLURM_ARRAY_TASK_ID:-?}" && now=$(date +%s)  # in a Slurm array the task; here the finished-run count
-  [ -z "${COUNT:-}" ] || k=$(flock "$COUNT" sh -c 'echo >> "$0"; wc -l < "$0"' "$COUNT")
-  IFS=- read -r d c t s more <<< "$(basename "$out" .json)" && eta=${T0:+, ETA $(fmt $(( (now - T0) * (N - k) / k )))}
-  echo "[$k/${N:-${SLURM_ARRAY_TASK_COUNT:-?}}] $d/$c tune=$t seed=${s#s}${more:+ [$more]} -> $acc" \
-    "($(fmt $((now - t0)))${eta:-})"
-  [[ $acc != FAILED* ]]
+HERE=$(cd "$(dirname "$0")" && pwd) MODE=${1:-run} START=$(date +%s) SMALL=${SMALL:-0}
+case $MODE in run) exec 3>&1;; --list|--sources) exec 3>&2;; --one) exec 3>/dev/null;;  # 3: knobs, "no data"
+  *) echo "usage: bash sweep.sh [--list | --sources | --one LINE]; Slurm: slurm/submit.sh" >&2; exit 2;; esac
+knob() { [ "$SMALL" = 1 ] && set -- "$1" "${3-$2}"; printf -v "$1" %s "${!1-$2}"; echo "$1=\"${!1}\"" >&3; }
+knob SMALL 0                            # 1: all at CPU scale (3rd values); a knob set, even empty, stays
+knob DATA_DIR data                      # CIFAR-10's folder: cifar-10-batches-py (downloaded if missing)
+knob CACHE data/cache                   # decoded CIFAR-10 and corrupted pools, made once
+knob RESULTS results results/small      # one JSON per run, logs/, .locks/, table.md
+knob CKPT paper ckpt/source_small.pt    # CIFAR source: the paper's, or a path (trained if missing)
+knob TRAIN_ARGS "" "--small --epochs 10 --holdout 1017"  # train.py flags for it (1017: the sample's held out)
+knob FAMILY_CKPT ckpt                   # <dir>/<data>.pt: the ImageNet-family sources (trained if missing)
+knob IMAGENET_C_DIR data/imagenet-c     # the ImageNet-C release: <dir>/<corruption>/<severity>/
+knob IN_CORRUPTIONS paper15             # ImageNet-C: paper15, all19 or names
+knob IMAGENET_DIR data/imagenet         # ImageNet {train,val}/, for Living-17 and Entity-30
+knob BREEDS_DIR data/breeds             # the BREEDS hierarchy files, for those two
+knob WATERBIRDS_DIR data/waterbird_complete95_forest2water2  # the Waterbirds release, with metadata.csv
+knob CELEBA_DIR data                    # torchvision's CelebA root: <dir>/celeba/
+knob SEEDS "0 1 2" "0 1"                # one run per seed
+knob CORRUPTIONS paper14 gaussian_noise # CIFAR-C: names (space or comma list), paper14, standard15, all19
+knob METHODS "none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn"  # --tune values (ResNet-50: + layer4)
+ALL="cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba" && knob DATASETS "$ALL"  # columns
+knob OBJECTIVE ce                       # ce (the table), memo or entropy (unsupervised)
+knob EXTRA "" "--train_n 100 --val_per_class 5 --test_per_class 20 --epochs 2 --l1_lambdas 1e-4"  # run flags
+knob DEVICE auto                        # --device of finetune.py and train.py
+knob JOBS 1 "$(nproc)"                  # runs at once
+knob OMP_NUM_THREADS $(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 )) && export OMP_NUM_THREADS  # a run's
+dataset() {  # sets dataset $1's F (--data_dir), B (--breeds_dir), S (source model), C (corruptions) and
+  M=$METHODS S=$FAMILY_CKPT/$1.pt B="" C=""  # M (--tune values, + layer4 on ResNet-50); false if no data
+  [[ $1 == cifar_* ]] || M=$(for m in $METHODS; do echo "$m"; [ "$m" != layer3 ] || echo layer4; done)
+  case $1 in cifar_c) F=$DATA_DIR S=$CKPT C=$CORRUPTIONS;; cifar_flip) F=$DATA_DIR S=$CKPT;;  # (downloaded)
+    imagenet_c) F=$IMAGENET_C_DIR S=imagenet C=$IN_CORRUPTIONS && [ -d "$F" ];;
+    living17|entity30) F=$IMAGENET_DIR B=$BREEDS_DIR && [ -d "$F/train" ] && [ -f "$B/class_hierarchy.txt" ];;
+    waterbirds) F=$WATERBIRDS_DIR && [ -f "$F/metadata.csv" ];;
+    celeba) F=$CELEBA_DIR && [ -f "$F/celeba/list_attr_celeba.txt" ];;
+    *) echo "error: unknown dataset '$1' in DATASETS; valid: $ALL" >&2; exit 1;; esac
 }
-fmt() { if [ "$1" -lt 100 ]; then echo "${1}s"; else echo "$(( $1 / 60 )).$(( $1 % 60 / 6 ))m"; fi; }
-[ "${1:-}" = --one ] && { one "$2"; exit; }  # a Slurm array task (slurm/array.sbatch)
-small() { if [ "${SMALL:-0}" = 1 ]; then echo "$1"; else echo "$2"; fi; }  # the SMALL=1 default, else the full one
-DATA_DIR=${DATA_DIR:-data}                                     # holds cifar-10-batches-py (downloaded if missing)
-CACHE=${CACHE:-data/cache}                                     # decoded CIFAR-10, corrupted pools: made once
-RESULTS=${RESULTS:-$(small results/small results)}             # one JSON per run, logs/, table.md
-CKPT=${CKPT:-$(small ckpt/source_small.pt paper)}           # CIFAR source: the paper's, or a path (trained if missing)
-FAMILY_CKPT=${FAMILY_CKPT:-ckpt}                               # <dir>/<data>.pt: ImageNet-family source models
-IMAGENET_C_DIR=${IMAGENET_C_DIR:-data/imagenet-c} IMAGENET_DIR=${IMAGENET_DIR:-data/imagenet}  # the family's folders
-BREEDS_DIR=${BREEDS_DIR:-data/breeds} WATERBIRDS_DIR=${WATERBIRDS_DIR:-data/waterbird_complete95_forest2water2}
-CELEBA_DIR=${CELEBA_DIR:-data} IN_CORRUPTIONS=${IN_CORRUPTIONS:-paper15}  # ImageNet-C: paper15, all19 or names
-TRAIN_ARGS=${TRAIN_ARGS-$(small "--small --epochs 10 --holdout 1017" "")}  # train.py flags (sample: 1017)
-SEEDS=${SEEDS:-$(small "0 1" "0 1 2")}
-CORRUPTIONS=${CORRUPTIONS:-$(small gaussian_noise paper14)}    # names (space or comma list), paper14, standard15, all19
-METHODS=${METHODS:-none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn}
-DATASETS=${DATASETS:-cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba}
-OBJECTIVE=${OBJECTIVE:-ce}                                     # ce (the table), memo or entropy (unsupervised)
-EXTRA=${EXTRA-$(small "--train_n 100 --val_per_class 5 --test_per_class 20 --epochs 2 --l1_lambdas 1e-4" "")}  # flags
-DEVICE=${DEVICE:-auto}
-JOBS=${JOBS:-$(small "$(nproc)" 1)}                            # runs at once (--slurm: array tasks at once)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))}  # CPU threads a run
-MODE=${1:-run} && exec 3>&1 && { [ "$MODE" != --list ] || exec 3>&2; }  # news to stderr when stdout is the list
-for v in SMALL DATA_DIR CACHE RESULTS CKPT TRAIN_ARGS SEEDS CORRUPTIONS METHODS DATASETS OBJECTIVE EXTRA DEVICE JOBS \
-  OMP_NUM_THREADS FAMILY_CKPT IMAGENET_C_DIR IMAGENET_DIR BREEDS_DIR WATERBIRDS_DIR CELEBA_DIR IN_CORRUPTIONS; do
-  echo "$v=\"${!v:-}\""; done >&3
-for d in $DATASETS; do case $d in cifar_c|cifar_flip|imagenet_c|living17|entity30|waterbirds|celeba) ;; *)
-  echo "error: unknown dataset '$d' in DATASETS; valid: cifar_c cifar_flip imagenet_c living17 entity30" \
-    "waterbirds celeba" >&2; exit 1;; esac; done  # METHODS are checked by finetune.py when the list is made
-FOLDERS=$(printf -- '--imagenet_dir %q --breeds_dir %q --waterbirds_dir %q --celeba_dir %q ' "$IMAGENET_DIR" \
-  "$BREEDS_DIR" "$WATERBIRDS_DIR" "$CELEBA_DIR")  # train.py's and finetune.py's flags for the family's folders
-COMMON=$(printf -- '--data_dir %q --cache_dir %q --out_dir %q --device %q --imagenet_c_dir %q ' "$DATA_DIR" "$CACHE" \
-  "$RESULTS" "$DEVICE" "$IMAGENET_C_DIR")$FOLDERS$EXTRA
-have() { case $1 in cifar_*) ;; imagenet_c) [ -d "$IMAGENET_C_DIR" ];; waterbirds) [ -f "$WATERBIRDS_DIR/metadata.csv" ];;
-  living17|entity30) [ -d "$IMAGENET_DIR/train" ] && [ -f "$BREEDS_DIR/class_hierarchy.txt" ];;
-  celeba) [ -f "$CELEBA_DIR/celeba/list_attr_celeba.txt" ];; *) false;; esac; }  # is a dataset's folder there?
-ckpt() { case $1 in cifar_*) echo "$CKPT";; imagenet_c) echo imagenet;; *) echo "$FAMILY_CKPT/$1.pt";; esac; }
-runs() {  # the whole run list "<result path>\t<flags>": seeds outermost, then datasets, methods, corruptions, so a
-  # part-done sweep has whole cells; finetune.py expands the corruption presets, checks every flag and names each
-  # result (its settings included), running nothing
-  for s in $SEEDS; do for d in $DATASETS; do
-    have "$d" || { [ "$s" != "${SEEDS%% *}" ] || echo "no data: $d (README: The ImageNet family)" >&3; continue; }
-    case $d in cifar_c) cs=$CORRUPTIONS;; imagenet_c) cs=$IN_CORRUPTIONS;; *) cs="";; esac
-    ms=$METHODS && [[ $d == cifar_* ]] || ms=${METHODS/layer3/layer3 layer4}  # ResNet-50 has a fourth block
-    for t in $ms; do
-      printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s\n' "$d" \
-        "${cs:+--corruption ${cs// /,} }" "$t" "$s" "$(ckpt "$d")" "$OBJECTIVE" "$COMMON"
-    done; done; done | python "$HERE/finetune.py" --result_paths
-}
+dirs() { printf -- '--data_dir %q' "$F"; [ -z "$B" ] || printf -- ' --breeds_dir %q' "$B"; }  # folder flags
+COMMON=$(printf -- '--cache_dir %q --out_dir %q --device %q' "$CACHE" "$RESULTS" "$DEVICE")" $EXTRA"
+runs() {  # every run "<result path>\t<flags>" from ONE python start: finetune.py names each result (settings
+  # included), expands corruption presets, checks flags. Seeds outermost: a part-done sweep has whole cells.
+  for s in $SEEDS; do for d in $DATASETS; do dataset "$d" || continue; for t in $M; do
+    printf -- '--data %s %s--tune %s --seed %s --ckpt %q --objective %s %s %s\n' "$d" \
+      "${C:+--corruption ${C// /,} }" "$t" "$s" "$S" "$OBJECTIVE" "$(dirs)" "$COMMON"
+  done; done; done | python "$HERE/finetune.py" --result_paths; }
 pending() { while IFS=$'\t' read -r out args; do [ -f "$out" ] || printf '%s\t%s\n' "$out" "$args"; done; }
-mkdir -p "$RESULTS/logs"
-[ "$MODE" != --list ] || { runs | pending; exit; }
-sources() {  # one train.py command line per missing source model the run list needs (CIFAR's with $TRAIN_ARGS)
-  for d in $DATASETS; do case $d in imagenet_c) continue;; cifar_*) [ "$d" = cifar_c ] || [[ " $DATASETS " != \
-    *" cifar_c "* ]] || continue;; esac; have "$d" && [ "$(ckpt "$d")" != paper ] && [ ! -f "$(ckpt "$d")" ] || continue
-    printf 'python %q --data %s --cache_dir %q --device %q --out %q %s%s\n' "$HERE/train.py" \
-      "$(case $d in cifar_*) echo cifar10;; *) echo "$d";; esac)" "$CACHE" "$DEVICE" "$(ckpt "$d")" \
-      "$(case $d in cifar_*) printf -- '--data_dir %q %s' "$DATA_DIR" "$TRAIN_ARGS";; *) echo "$FOLDERS";; esac)"
-  done
-}
-if [ "$MODE" = --slurm ]; then  # task i runs PER_TASK lines of the list; missing source models are jobs first
-  list=$RESULTS/slurm-runs-$(date +%Y%m%d-%H%M%S).txt && runs | pending > "$list"
-  n=$(wc -l < "$list") && per=${PER_TASK:-1}
-  ids=() && while read -r cmd; do ids+=("$(sbatch --parsable --job-name=surgical-source \
-    --output="$RESULTS/logs/source-%j.out" --wrap "$cmd")"); done < <(sources)
-  dep=() && [ ${#ids[@]} = 0 ] || dep=(--dependency=afterok:$(IFS=:; echo "${ids[*]}"))
-  [ "$n" = 0 ] || sbatch ${dep[@]+"${dep[@]}"} --array=1-$(( (n + per - 1) / per ))%"$JOBS" \
-    --output="$RESULTS/logs/slurm-%A_%a.out" "$HERE/slurm/array.sbatch" "$HERE" "$list" "$per"
-  echo "$n runs submitted; when they are done: python $HERE/table.py --results $RESULTS"; exit 0
-fi
-TMP=$RESULTS/.sweep-$$ && mkdir -p "$TMP"  # this sweep's lists; those of killed sweeps go below
-for d in "$RESULTS"/.sweep-*; do kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"; done
-START=$(date +%s) && while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done < <(sources)
-list=$TMP/list && COUNT=$TMP/count && : > "$COUNT" && trap 'rm -rf "$TMP"' EXIT && runs > "$TMP/all"
-pending < "$TMP/all" > "$list" && N=$(wc -l < "$list")
+sources() {  # a train.py line per missing source model, each once ("paper" and "imagenet" are downloaded)
+  for d in $DATASETS; do dataset "$d" && [[ $S != paper && $S != imagenet && ! -f $S ]] || continue
+    printf 'python %q --data %s --out %q %s --cache_dir %q --device %q %s\n' "$HERE/train.py" \
+      "${d/cifar_*/cifar10}" "$S" "$(dirs)" "$CACHE" "$DEVICE" "$([[ $d != cifar_* ]] || echo "$TRAIN_ARGS")"
+  done | awk '!seen[$0]++'; }
+fmt() { if [ "$1" -lt 100 ]; then echo "${1}s"; else echo "$(( $1 / 60 )).$(( $1 % 60 / 6 ))m"; fi; }
+one() {  # one --list line: finetune.py unless another sweep runs it or has; prints "<run> -> <acc> (<time>)"
+  IFS=$'\t' read -r out args <<< "$1" && name=$(basename "$out" .json) dir=$(dirname "$out") t0=$(date +%s)
+  # A lock per run, inherited by finetune.py so held till the run ends even if this shell is killed: sweeps
+  # sharing a results folder never run a run twice. Once the lock is ours, the result is checked again.
+  mkdir -p "$dir/.locks" "$dir/logs"; exec {lock}>> "$dir/.locks/$name"; log=$dir/logs/$name.log
+  flock -n "$lock" && [ ! -f "$out" ] || return 0
+  g=(${SWEEP_GPUS:-}) && [ ${#g[@]} = 0 ] || export CUDA_VISIBLE_DEVICES=${g[SLOT % ${#g[@]}]}  # GPU per slot
+  eval "python \"$HERE/finetune.py\" $args" > "$log" 2>&1 < /dev/null &&  # eval: the flags are shell-quoted
+    acc=$(python -c 'import json, sys; print("%.2f%%" % json.load(open(sys.argv[1]))["test_acc"])' "$out") \
+    || acc="FAILED, see $log"  # (finetune.py failed, or wrote no readable result)
+  IFS=- read -r d c t s more <<< "$name" && took=$(( $(date +%s) - t0 ))
+  echo "$d/$c tune=$t seed=${s#s}${more:+ [$more]} -> $acc ($(fmt $took))" && [[ $acc != FAILED* ]]; }
+for d in $DATASETS; do dataset "$d" || echo "no data: $d (README: The ImageNet family)" >&3; done
+case $MODE in --one) one "$2"; exit;; --list) runs | pending; exit;; --sources) sources; exit;; esac
+TMP=$(mktemp -d) && trap 'rm -rf "$TMP"' EXIT  # this sweep's run lists
+runs > "$TMP/all"; pending < "$TMP/all" > "$TMP/todo"  # before any training: a bad knob stops here
+sources | while read -r cmd; do echo "no source model: $cmd" && eval "$cmd" < /dev/null; done
+GPUS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)}
+export SWEEP_GPUS=$([ "$DEVICE" = cpu ] || echo ${GPUS//,/ }) && N=$(wc -l < "$TMP/todo") k=0 T0=$(date +%s)
 echo "$N runs to do, $(( $(wc -l < "$TMP/all") - N )) already done in $RESULTS, $JOBS at once"
-GPUS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)}  # visible
-[ "$DEVICE" != cpu ] || GPUS="" && export -f one fmt && export HERE COUNT N T0=$(date +%s) GPUS=$(echo ${GPUS//,/ })
-status=0 && xargs -d '\n' -r -P "$JOBS" --process-slot-var=SLOT -n 1 bash -c 'one "$1"' _ < "$list" || status=1
+xargs -d '\n' -r -P "$JOBS" --process-slot-var=SLOT -n 1 bash "$0" --one < "$TMP/todo" | while read -r l; do
+  k=$((k + 1)) && echo "[$k/$N] ${l%)}, ETA $(fmt $(( ($(date +%s) - T0) * (N - k) / k ))))"; done || failed=1
 python "$HERE/table.py" --results "$RESULTS"
-echo "sweep: $N runs in $(fmt $(( $(date +%s) - START ))) with the source model$( ((status)) && echo ', SOME FAILED')"
-exit $status
+echo "sweep: $N runs in $(fmt $(( $(date +%s) - START )))${failed:+, SOME FAILED}" && [ -z "${failed:-}" ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway single-node Slurm on this machine, to check sweep.sh --slurm without a cluster (not part of CI).
+# A throwaway single-node Slurm on this machine, to check slurm/submit.sh without a cluster (not part of CI).
 #   apt-get install -y slurm-wlm munge           # Debian/Ubuntu packages (Debian 12: Slurm 22.05)
 #   bash slurm/local_cluster.sh start            # writes $SLURM_LOCAL/slurm.conf, starts munged, slurmctld, slurmd
 #   export SLURM_CONF=/tmp/slurm-local/slurm.conf  # what start prints: sbatch, squeue, sinfo then use this cluster

@@ -159,8 +159,18 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
                      ("waterbirds-clean", ("layer3", "layer4", "fc"))) for t in ts]
     wb = [ln for ln in listed.stdout.splitlines() if "waterbirds-clean-fc-s0" in ln][0]
     assert f"--data waterbirds --tune fc --seed 0 --ckpt {tmp_path / 'ck' / 'waterbirds.pt'}" in wb
-    assert f"--waterbirds_dir {tmp_path / 'wb'}" in wb
+    # one folder flag per dataset: --data_dir (BREEDS adds --breeds_dir); the per-dataset folder flags are gone
+    assert f"--data_dir {tmp_path / 'wb'} " in wb and f"--data_dir {env['DATA_DIR']} " in listed.stdout
+    assert not re.search(r"--(waterbirds|celeba|imagenet|imagenet_c|breeds)_dir", listed.stdout)
     assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
+    # Living-17: the ImageNet folder as --data_dir, and --breeds_dir (--list only checks that they are there)
+    (tmp_path / "in" / "train").mkdir(parents=True)
+    (tmp_path / "br").mkdir()
+    (tmp_path / "br" / "class_hierarchy.txt").touch()
+    breeds = sweep({**fam, "DATASETS": "living17", "IMAGENET_DIR": str(tmp_path / "in"),
+                    "BREEDS_DIR": str(tmp_path / "br")}, "--list").stdout.splitlines()
+    assert len(breeds) == 6 and all(f"--data_dir {tmp_path / 'in'} --breeds_dir {tmp_path / 'br'} " in ln
+                                    for ln in breeds)
 
 
 def test_objective_memo_lists_its_own_files(env):
@@ -202,3 +212,44 @@ def test_bad_knobs_are_one_line_and_queue_nothing(tmp_path, knob, value, says):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1 and says in errors[0]
     assert not (tmp_path / "runs.log").exists()
+
+
+FAKE_SBATCH = '''#!/usr/bin/env python3
+"""Stands in for sbatch: records its arguments, answers a job id; an array job's tasks run here, one by one."""
+import os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_SBATCH_LOG"], "a") as f:
+    f.write(" ".join(args) + "\\n")
+if "--wrap" in args:  # a source-training job: recorded, not run
+    sys.exit(print("41;cluster"))
+script = next(i for i, a in enumerate(args) if not a.startswith("--"))
+tasks = next(a for a in args if a.startswith("--array="))[len("--array=1-"):].split("%")[0]
+for i in range(1, int(tasks) + 1):
+    subprocess.run(["bash", *args[script:]], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)})
+print(42)
+'''
+
+
+def test_slurm_submit_trains_sources_first_then_runs_the_pending_list_as_an_array(tmp_path):
+    # slurm/submit.sh with a stand-in sbatch, run from another folder so that the Waterbirds source (ckpt/<data>.pt,
+    # relative) is missing: it is one job, trained with --data_dir <its folder>; the array of ceil(4 runs /
+    # PER_TASK 3) = 2 tasks waits for it, and every task runs its slice through sweep.sh --one
+    from fakefolders import make_waterbirds
+    make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
+    env = fake_env(tmp_path)
+    (tmp_path / "bin" / "sbatch").write_text(FAKE_SBATCH)
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    env.update(FAKE_SBATCH_LOG=str(tmp_path / "sbatch.log"), DATASETS="cifar_c waterbirds", METHODS="none fc",
+               WATERBIRDS_DIR=str(tmp_path / "wb"), PER_TASK="3", JOBS="5")
+    submit = ["bash", os.path.join(REPO, "slurm", "submit.sh")]
+    r = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "4 runs submitted, after 1 source-model job" in r.stdout, r.stdout + r.stderr
+    source, array = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert f"train.py --data waterbirds --out ckpt/waterbirds.pt --data_dir {tmp_path / 'wb'} --cache_dir" in source
+    assert array.startswith("--dependency=afterok:41 --kill-on-invalid-dep=yes --array=1-2%5 ")
+    lists = list((tmp_path / "results").glob("slurm-runs-*.txt"))
+    assert len(lists) == 1 and len(lists[0].read_text().splitlines()) == 4
+    assert len(list((tmp_path / "results").glob("*.json"))) == 4 and r.stdout.count(" -> 50.00% (") == 4
+    again = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    assert len((tmp_path / "sbatch.log").read_text().splitlines()) == 2
