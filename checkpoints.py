@@ -140,8 +140,8 @@ def load_source(args, dev):
     error naming the train.py command: source training takes from minutes to hours and is never started
     silently."""
     if args.ckpt == "imagenet":
-        return C.prepare(M.build_model("resnet50", 1000, None if args.weights == "none" else "imagenet"),
-                         dev), 0
+        weights = None if args.weights == "none" else "imagenet"
+        return C.prepare(M.build_model("resnet50", 1000, weights), dev), 0
     if args.ckpt != "paper" and not os.path.exists(args.ckpt):
         data_flag = f"--data {args.data} --data_dir {args.data_dir}"
         if args.data.startswith("cifar"):

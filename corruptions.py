@@ -389,8 +389,8 @@ def _canny(v, lo, hi):
     # hysteresis: weak pixels touching an edge pixel join (3x3 dilation by slices: fast on the CPU)
     while True:
         p = F.pad(edge, (1, 1, 1, 1))
-        grown = weak & torch.stack([p[..., i:i + h, j:j + w] for i in range(3)
-                                    for j in range(3)]).any(0) | edge
+        near = torch.stack([p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]).any(0)
+        grown = weak & near | edge
         if torch.equal(grown, edge):
             return edge
         edge = grown

@@ -237,8 +237,8 @@ def shifted_pool(pool, shift, severity=5, seed=0, cache_dir=None, device="cpu", 
         return load_release(release_dir, shift, severity, expect_labels=y).contiguous(), y
     device = torch.device(device)
     key = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:10]
-    path = os.path.join(cache_dir,
-                        f"{shift}_s{severity}_seed{seed}_{key}_{device.type}.pt") if cache_dir else None
+    name = f"{shift}_s{severity}_seed{seed}_{key}_{device.type}.pt"
+    path = os.path.join(cache_dir, name) if cache_dir else None
     xc = load_cache(path) if path else None
     if xc is None:
         g = torch.Generator(device=device).manual_seed(seed)
@@ -264,9 +264,9 @@ def cifar_targets(args, corruptions, holdout, dev):
           f"test {args.test_per_class or 'the rest'}")
     clean = tuple(t.to(dev) for t in d["test"])
     for c in corruptions:
-        xs, ys = shifted_pool(pool, args.data if args.data == "cifar_flip" else c, args.severity,
-                              args.corruption_seed, args.cache_dir, dev, release_dir=args.cifar10c_dir
-                              or None)
+        shift = args.data if args.data == "cifar_flip" else c
+        xs, ys = shifted_pool(pool, shift, args.severity, args.corruption_seed, args.cache_dir, dev,
+                              release_dir=args.cifar10c_dir or None)
         yield c, {s: (xs[i].to(dev), ys[i].to(dev)) for s, i in idx.items()}, clean
 
 

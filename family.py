@@ -86,8 +86,8 @@ def _class_images(folders_per_class):
         for folder in folders:
             if not os.path.isdir(folder):
                 raise SystemExit(f"error: class folder {folder} is missing; expected a folder of images")
-            names = sorted(e.name for e in os.scandir(folder) if e.is_file()
-                           and e.name.lower().endswith(IMAGE_EXTS))
+            names = sorted(e.name for e in os.scandir(folder)
+                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
             if not names:
                 raise SystemExit(f"error: class folder {folder} holds no .jpeg/.jpg/.png image")
             paths += [os.path.join(folder, f) for f in names]
@@ -319,8 +319,8 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
         parse_imagenet_c(corruption or "")
         paths, y, wnids = imagenet_c_files(root, corruption, severity)
         k = len(wnids)
-        idx = target_split(y, 5 * k if train_n is None else train_n, 10 if val_per_class is None
-                           else val_per_class,
+        idx = target_split(y, 5 * k if train_n is None else train_n,
+                           10 if val_per_class is None else val_per_class,
                            10 if test_per_class is None else test_per_class, seed, num_classes=k)
         split = {s: (paths, y, idx[s]) for s in ("train", "val", "test")}
     else:  # living17 / entity30: per superclass; waterbirds / celeba: per group
@@ -339,8 +339,7 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
             (paths, y, g), (tpaths, ty, tg) = s["val"], s["test"]
             counts = [[n // 4] * 4, [30 if val_per_class is None else val_per_class] * 4]
         tr, va = per_class_split(g, counts, seed)
-        te, = per_class_split(tg, [[test_per_class or None] * len(counts[0])], seed,
-                              flags=("--test_per_class",))
+        te, = per_class_split(tg, [[test_per_class or None] * len(counts[0])], seed, ("--test_per_class",))
         split = {"train": (paths, y, tr), "val": (paths, y, va), "test": (tpaths, ty, te)}
         groups = None if name in BREEDS else {"val": g[va], "test": tg[te]}
     out = {s: (read_images([p[i] for i in idx.tolist()], size, cache_dir), y[idx])

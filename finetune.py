@@ -44,11 +44,10 @@ def method_params(args, source, train, log=print):
     if args.tune == "auto_snr" and args.snr == "eb":  # candidates; chosen anew every epoch by method_epoch
         names = [n for n in names if n not in norms]
         return names, names, {"criterion": "eb", "threshold": args.snr_threshold}
-    # per-example SNR of every tensor, once, on a seeded subset of the training split
-    if args.tune == "auto_snr":
+    if args.tune == "auto_snr":  # per-example SNR of every tensor, once, on a seeded subset of train
         x, y = train[:2]
-        idx = torch.randperm(len(x),
-                             generator=torch.Generator().manual_seed(args.seed))[:args.snr_n].to(x.device)
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(len(x), generator=g)[:args.snr_n].to(x.device)
         scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx], names, chunk_size=32)
         names = rgn.snr_select(scores, args.snr_threshold)
         log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above {args.snr_threshold}: "
@@ -75,8 +74,7 @@ def method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps):
                 opt.measure()
                 opt.zero_grad(set_to_none=True)
         return opt
-    # tensors scoring >= threshold train this epoch, Adam anew
-    if args.tune == "auto_snr" and args.snr == "eb":
+    if args.tune == "auto_snr" and args.snr == "eb":  # tensors scoring >= threshold train this epoch
         M.freeze_except(model, names)
         scores = rgn.eb_scores(loss_of, probe(), [(n, p) for n, p in model.named_parameters() if n in names])
         chosen = [n for n in names if scores[n] >= args.snr_threshold]
@@ -84,8 +82,8 @@ def method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps):
                             if b != "all"})
         params = M.freeze_except(model, chosen)
         return torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
-    return opt or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr,
-                                   weight_decay=args.wd)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return opt or torch.optim.Adam(params, lr, weight_decay=args.wd)
 
 
 # -----------------------------------------------------------------------------
@@ -96,8 +94,8 @@ def epoch_entry(epoch, train_loss, v, t, t0):
     e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"], "val_loss": v["loss"],
          "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
     if "avg_acc" in v:  # waterbirds / celeba: the group-balanced average and the per-group accuracies too
-        e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"], test_group_acc=t
-                 and t["group_acc"])
+        e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"],
+                 test_group_acc=t and t["group_acc"])
     return {**e, "seconds": time.time() - t0}
 
 
@@ -126,6 +124,7 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
     if args.tune == "auto_snr" and args.snr == "eb":  # tensors chosen per block, each epoch
         hist["snr"] = []
     opt, best, best_val, t0 = None, {}, -1.0, time.time()
+    steps = math.ceil(len(xtr) / args.batch_size)
 
     def loss_of(xb, yb):
         with C.autocast(dev):
@@ -135,11 +134,10 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
         return itertools.islice(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm), 5)
     for epoch in range(1, args.epochs + 1 if names else 1):
         model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
-        opt = method_epoch(args, model, names, lr, opt, hist, loss_of, probe,
-                           math.ceil(len(xtr) / args.batch_size))
+        opt = method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps)
         tot = 0.0
-        for step, (xb, yb) in enumerate(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g),
-                                        1):
+        batches = data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g)  # a fresh shuffle
+        for step, (xb, yb) in enumerate(batches, 1):
             loss = loss_of(xb, yb)
             tot += C.finite(loss, f"lr {lr:g}, epoch {epoch}, step {step}", "Try smaller --lrs.") * len(yb)
             if opt is not None:  # auto_snr may choose nothing for an epoch: the model then stays as it is
@@ -148,13 +146,14 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         v = C.measure(model, splits["val"], start["val"])
-        t = C.measure(model, splits["test"],
-                    start["test"]) if args.test_every_epoch or v["acc"] > record["val"] else None
+        t = None
+        if args.test_every_epoch or v["acc"] > record["val"]:  # the only epochs select() can land on
+            t = C.measure(model, splits["test"], start["test"])
         record["val"] = max(record["val"], v["acc"])
         hist["epochs"].append(epoch_entry(epoch, tot / len(xtr), v, t, t0))
         if v["acc"] > best_val:  # strictly better: ties keep the earlier epoch, as select() does
-            best_val, best = v["acc"], {n: p.detach().clone() for n, p in model.named_parameters()
-                                        if n in set(names)}
+            best_val = v["acc"]
+            best = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
         if "rgn" in hist:
             hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
     return hist, best
@@ -168,9 +167,9 @@ def select(history, min_epoch=1):
         for e in h["epochs"]:
             if e["epoch"] >= min_epoch and (sel is None or e["val_acc"] > sel["val_acc"]):
                 sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"],
-                       "val_acc": e["val_acc"],
-                       "test_acc": e["test_acc"], **({"test_avg_acc": e["test_avg_acc"]}
-                                                     if "test_avg_acc" in e else {})}
+                       "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
+                if "test_avg_acc" in e:
+                    sel["test_avg_acc"] = e["test_avg_acc"]
     return sel
 
 
@@ -254,11 +253,15 @@ def main(argv=None):
     else:
         from family import family_targets
         targets = family_targets(args, corruptions, source.fc.out_features, dev)
-    print(f"method: --tune {args.tune}; " + (unsupervised.describe(args, dev) if args.objective != "ce" else
-          f"Adam, lr grid {args.lrs}" + (f" (fc alone: {P.FC_LRS})" if args.data.startswith("cifar") else "")
-          + (f" x lambda {args.l1_lambdas}" if args.tune == "l1" else "") + f", wd {args.wd:g}, batch "
-          f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}, BatchNorm {args.bn}; selection: best "
-          f"val accuracy over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there"))
+    bn = "" if source.arch == "resnet26" else f", BatchNorm in {args.bn} mode"  # GroupNorm has no mode
+    if args.objective != "ce":
+        print(f"method: --tune {args.tune}; {unsupervised.describe(args)}{bn}")
+    else:
+        fc = f" (fc alone: {P.FC_LRS})" if args.data.startswith("cifar") else ""
+        l1 = f" x lambda {args.l1_lambdas}" if args.tune == "l1" else ""
+        print(f"method: --tune {args.tune}; Adam, lr grid {args.lrs}{fc}{l1}, wd {args.wd:g}, batch "
+              f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}{bn}; selection: best val accuracy "
+              f"over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there")
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, (c, target, clean_c) in enumerate(targets):
         if clean_c is not None and clean_c is not clean:  # the source accuracy, once per source test split

@@ -48,8 +48,8 @@ def he_fan_out(net):
     """Conv weights drawn from N(0, 2 / (k*k*C_out)): He init over fan-out, as both CIFAR nets' code does."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0,
-                            (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
 
 
 class Staged(nn.Module):
@@ -102,8 +102,8 @@ class ResNet26(Staged):
         c, layers = widths[0], []
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(*[BasicBlock(c if j == 0 else w, w, stride if j == 0 else 1)
-                                          for j in range(n)]))
+            units = [BasicBlock(c if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
+            layers.append(nn.Sequential(*units))
             c = w
         self.layer1, self.layer2, self.layer3 = layers
         self.norm = nn.GroupNorm(8, c)
@@ -193,8 +193,8 @@ def resolve_tune(model, tune):
     if tune == "none":
         return []
     for part in re.split(r"[,+]", tune):
-        names = groups.get(part) or [n for n in groups["all"] if part and part != "none"
-                                     and n.startswith(part)]
+        prefix = part and part != "none"  # "fc,none" is a typo, not a prefix
+        names = groups.get(part) or [n for n in groups["all"] if prefix and n.startswith(part)]
         if not names:
             raise SystemExit(f"error: --tune {tune!r}: {part!r} matches no parameter; use none, "
                              f"{', '.join(groups)}, "
@@ -228,8 +228,8 @@ def block_table(model):
             for b, ns in block_params(model).items()]
     rest = [n for n in count if not any(n.startswith(p) for ps in BLOCKS[model.arch].values() for p in ps)]
     if rest:
-        rows.append(("(norm)", sum(count[n] for n in rest), "final norm, tuned only under all: "
-                     + " ".join(rest)))
+        what = "final norm, tuned only under all: " + " ".join(rest)
+        rows.append(("(norm)", sum(count[n] for n in rest), what))
     return "\n".join(f"{b:8s} {c:>10,d}  {what}" for b, c, what in rows)
 
 

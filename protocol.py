@@ -53,8 +53,8 @@ def per_data(key):
     same = {}
     for d, p in PROTOCOL.items():
         same.setdefault(p[key], []).append(d)
-    return "default per --data: " + ", ".join(f"{'/'.join(ds)} {v}" for v, ds in same.items()
-                                              if v is not None)
+    pairs = [f"{'/'.join(ds)} {v}" for v, ds in same.items() if v is not None]
+    return "default per --data: " + ", ".join(pairs)
 
 
 def parse_args(argv=None):

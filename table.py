@@ -25,14 +25,16 @@ import os
 import statistics
 from collections import Counter
 
+import model as M
+
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", "Entity-30": "entity30",
            # column -> finetune.py --data
            "CIFAR-F": "cifar_flip", "Waterbirds": "waterbirds", "CelebA": "celeba"}
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all", "L1 Regularize": "l1",
         "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn", "Cross-Val per corruption (extra)": "crossval_c"}
 ROW_OF = {t: row for row, t in ROWS.items()}
-BLOCKS = ("layer1", "layer2", "layer3", "layer4", "fc")  # Cross-Val's candidates, in tie-break order (layer4:
-# ResNet-50's columns only)
+# Cross-Val's candidates in tie-break order: the blocks of model.BLOCKS (layer4: ResNet-50's columns only)
+BLOCKS = tuple(M.BLOCKS["resnet50"])
 RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # the methods Avg Rank compares
 SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd",
         "lrs")
@@ -123,8 +125,7 @@ def summarize(res):
                 best = max(blocks, key=lambda b: (rs[(c, b, s)]["val_acc"], -blocks.index(b)))
                 acc["crossval_c"][(c, s)] = rs[(c, best, s)]["test_acc"]
         out["picks"][col] = picks
-        out["tunes"][col] = {tune: cell(a, len(grid)) for tune, a in acc.items()
-                             if not tune.startswith("crossval")}
+        out["tunes"][col] = {t: cell(a, len(grid)) for t, a in acc.items() if not t.startswith("crossval")}
         for row, tune in ROWS.items():
             out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
         for b in BLOCKS:  # Figure 2: paired per (corruption, seed) differences to full fine-tuning
@@ -162,8 +163,8 @@ def render(res, notes, folder):
     lines += ["", "std: sample standard deviation over seeds. * = not complete: some (corruption, seed) runs "
                   "that the column has for other methods are missing here; the cell averages what there is."]
     for col, (cs, seeds) in s["grid"].items():
-        picks = ", ".join(f"{b} x{n}" for b, n in sorted(s["picks"][col].items(),
-                                                         key=lambda x: BLOCKS.index(x[0])))
+        ranked = sorted(s["picks"][col].items(), key=lambda x: BLOCKS.index(x[0]))
+        picks = ", ".join(f"{b} x{n}" for b, n in ranked)
         lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): "
                      f"{', '.join(cs)}; Cross-Val picked {picks or 'nothing'}")
     if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):

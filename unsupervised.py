@@ -64,7 +64,7 @@ def check(args, methods):
                          "over epochs)")
 
 
-def describe(args, dev):
+def describe(args):
     if args.objective == "memo":
         return (f"MEMO: per test image (order: seed {args.seed}), from the source weights, "
                 f"{args.memo_copies} AugMix copies, one SGD step at lr {args.memo_lr:g} on the entropy of "
@@ -75,7 +75,7 @@ def describe(args, dev):
             + f"; {args.ent_steps} Adam step(s) at lr {args.ent_lr:g} on the " +
             (f"marginal entropy over {args.ent_copies} crop+flip copies" if args.ent_copies else
              "prediction entropy")
-            + f", BatchNorm {args.bn} mode; no label read")
+            + "; no label read")
 
 
 def run(args, source, names, test, clean, k, acc_before, log=print):
