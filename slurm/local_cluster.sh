@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A throwaway single-node Slurm on this machine, to check slurm/submit.sh without a cluster (not part of CI).
-#   apt-get install -y slurm-wlm munge           # Debian/Ubuntu packages (Debian 12: Slurm 22.05)
-#   bash slurm/local_cluster.sh start            # writes $SLURM_LOCAL/slurm.conf, starts munged, slurmctld, slurmd
-#   export SLURM_CONF=/tmp/slurm-local/slurm.conf  # what start prints: sbatch, squeue, sinfo then use this cluster
-#   bash slurm/local_cluster.sh stop             # stops the three daemons it started (by their pid files)
-# The node is this host with all its CPUs, one partition, no accounting, no cgroups (proctrack/linuxproc), run as
-# root: a test bench, not a production configuration. State and logs stay in $SLURM_LOCAL.
+#   apt-get install -y slurm-wlm munge             # Debian/Ubuntu packages (Debian 12: Slurm 22.05)
+#   bash slurm/local_cluster.sh start              # writes $SLURM_LOCAL/slurm.conf, starts munge and slurm
+#   export SLURM_CONF=/tmp/slurm-local/slurm.conf  # as start prints: sbatch, squeue, sinfo use this cluster
+#   bash slurm/local_cluster.sh stop               # stops the three daemons it started (by their pid files)
+# The node is this host with all its CPUs, one partition, no accounting, no cgroups (proctrack/linuxproc), run
+# as root: a test bench, not a production configuration. State and logs stay in $SLURM_LOCAL.
 set -euo pipefail
 DIR=${SLURM_LOCAL:-/tmp/slurm-local}
 HOST=$(hostname -s)
@@ -51,7 +51,8 @@ EOF
 
 stop() {
   for d in slurmd slurmctld munged; do
-    [ -f "$DIR/$d.pid" ] && kill "$(cat "$DIR/$d.pid")" 2>/dev/null && echo "stopped $d" || echo "$d not running"
+    if [ -f "$DIR/$d.pid" ] && kill "$(cat "$DIR/$d.pid")" 2>/dev/null; then echo "stopped $d"
+    else echo "$d not running"; fi
     rm -f "$DIR/$d.pid"
   done
 }

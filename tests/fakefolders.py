@@ -42,9 +42,8 @@ def write_image(path, label, seed=0, background=None, h=H, w=W):
     return x
 
 
-def make_imagenet_c(root, corruptions=("fog", "snow"), severities=(5,), wnids=("n03000002", "n01000001",
-                                                                               "n02000003"),
-                    per_class=6):
+def make_imagenet_c(root, corruptions=("fog", "snow"), severities=(5,),
+                    wnids=("n03000002", "n01000001", "n02000003"), per_class=6):
     """<root>/<corruption>/<severity>/<wnid>/ILSVRC2012_val_<8 digits>.JPEG, per_class images per wnid, with
     the same file names under every corruption and severity (as in the release); every third one ends in
     lower-case .jpeg. Colour = the wnid's position in sorted(wnids) (the label the loader gives). Returns
@@ -124,14 +123,14 @@ def _rows(counts, seed):
     deterministic."""
     rows = [(k, g // 2, g % 2) for k, split in enumerate(("train", "val", "test")) for g in range(4)
             for _ in range(counts[split][g])]
-    return [rows[i] for i in torch.randperm(len(rows),
-                                            generator=torch.Generator().manual_seed(seed)).tolist()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order]
 
 
 def make_waterbirds(root, counts=None):
     """The released Waterbirds folder: <root>/metadata.csv (img_id, img_filename, y, split, place,
-    place_filename) and <root>/<species>/<file>.jpg. counts = {"train"|"val"|"test": images per group 0..3 (g
-    = 2*y + place)}. Returns the rows written as dicts with img_filename and int y, split, place."""
+    place_filename) and <root>/<species>/<file>.jpg. counts = {"train"|"val"|"test": images per group 0..3
+    (g = 2*y + place)}. Returns the rows written as dicts with img_filename and int y, split, place."""
     counts = counts or {"train": (4, 2, 2, 4), "val": (6, 6, 6, 6), "test": (3, 3, 3, 3)}
     out = []
     for i, (split, y, place) in enumerate(_rows(counts, seed=1)):
@@ -146,10 +145,10 @@ def make_waterbirds(root, counts=None):
 
 
 def make_celeba(root, counts=None):
-    """torchvision's CelebA root: <root>/celeba/list_attr_celeba.txt (count, the 40 attribute names, "<file>
-    v1 ... v40" with -1/1, padded like the release), list_eval_partition.txt ("<file> <0|1|2>") and
-    img_align_celeba/. counts as in make_waterbirds, groups g = 2*Blond_Hair + Male. Returns rows: dicts with
-    file, split, y, male."""
+    """torchvision's CelebA root: <root>/celeba/list_attr_celeba.txt (count, the 40 attribute names,
+    "<file> v1 ... v40" with -1/1, padded like the release), list_eval_partition.txt ("<file> <0|1|2>") and
+    img_align_celeba/. counts as in make_waterbirds, groups g = 2*Blond_Hair + Male. Returns rows: dicts
+    with file, split, y, male."""
     counts = counts or {"train": (4, 2, 2, 4), "val": (6, 6, 6, 6), "test": (3, 3, 3, 3)}
     folder = os.path.join(root, "celeba")
     g = torch.Generator().manual_seed(2)

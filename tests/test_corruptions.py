@@ -8,8 +8,8 @@ import data
 # mad grows from severity 1 to 5 in the reference generator's statistics for these (CORRUPTIONS.md); the
 # others (elastic, frost, glass, saturate, spatter) are not monotone there either
 MONOTONE = ("brightness", "contrast", "defocus_blur", "fog", "gaussian_blur", "gaussian_noise",
-            "impulse_noise",
-            "jpeg_compression", "motion_blur", "pixelate", "shot_noise", "snow", "speckle_noise", "zoom_blur")
+            "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "shot_noise", "snow",
+            "speckle_noise", "zoom_blur")
 DETERMINISTIC = ("brightness", "contrast", "defocus_blur", "gaussian_blur", "jpeg_compression", "pixelate",
                  "saturate", "zoom_blur")  # no randomness: the seed must not matter
 
@@ -51,8 +51,8 @@ def test_unknown_name_and_severity_are_clear(images):
         data.corrupt(images, "fogg", 3)
     with pytest.raises(SystemExit, match="outside 1..5"):
         data.corrupt(images, "fog", 6)
-    assert data.parse_corruptions("paper14") == data.PAPER14 and data.parse_corruptions("fog,snow") == ("fog",
-                                                                                                        "snow")
+    assert data.parse_corruptions("paper14") == data.PAPER14
+    assert data.parse_corruptions("fog,snow") == ("fog", "snow")
 
 
 def test_shifted_pool_cache_and_split_identity(tmp_path, images):
@@ -72,8 +72,8 @@ def test_release_loader(tmp_path):
     np.save(tmp_path / "fog.npy", x)
     np.save(tmp_path / "labels.npy", labels)
     out = data.load_release(str(tmp_path), "fog", 3, expect_labels=torch.from_numpy(labels[:10000]).long())
-    assert out.shape == (10000, 3, 32, 32) and torch.equal(out[5].permute(1, 2, 0),
-                                                           torch.from_numpy(x[20005]))
+    assert out.shape == (10000, 3, 32, 32)
+    assert torch.equal(out[5].permute(1, 2, 0), torch.from_numpy(x[20005]))
     with pytest.raises(SystemExit, match="missing"):
         data.load_release(str(tmp_path), "snow", 3)
 

@@ -1,12 +1,11 @@
 import os
+import urllib.error
 
 import pytest
 import torch
 
 import data
-import urllib.error
 from tinydata import write_cifar
-
 
 
 def test_reader_handles_unusual_batch_sizes(tmp_path):
@@ -67,8 +66,8 @@ def test_flip_is_a_horizontal_mirror():
 
 def test_batches_cover_every_index_once():
     x, y = torch.zeros(50, 3, 32, 32, dtype=torch.uint8), torch.arange(50)
-    seen = torch.cat([yb for _, yb in data.batches(x, y, 16, shuffle=True,
-                                                   generator=torch.Generator().manual_seed(0))])
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([yb for _, yb in data.batches(x, y, 16, shuffle=True, generator=g)])
     assert sorted(seen.tolist()) == list(range(50))
 
 

@@ -23,8 +23,8 @@ QUIET = dict(log=lambda s: None)
 
 @pytest.fixture(scope="module")
 def source():
-    """A briefly trained net (10 steps), so that its predictions vary over the stream and entropy steps change
-    them."""
+    """A briefly trained net (10 steps), so that its predictions vary over the stream and entropy steps
+    change them."""
     torch.manual_seed(0)
     net = M.build_model()
     x, y = (torch.from_numpy(a) for a in make_images(32, seed=1))
@@ -37,11 +37,10 @@ def source():
 
 
 def ent_args(*extra):
-    # lr 0.05: large enough that one step on 16 images changes this net's predictions, so the order tests can
-    # fail
-    return P.parse_args(["--objective", "entropy", "--ent_batch_size", "16", "--ent_lr", "5e-2", "--device",
-                         "cpu",
-                          *extra])
+    # lr 0.05: large enough that one step on 16 images changes this net's predictions,
+    # so the order tests can fail
+    return P.parse_args(["--objective", "entropy", "--ent_batch_size", "16", "--ent_lr", "5e-2",
+                         "--device", "cpu", *extra])
 
 
 def stream_images(n=48):
@@ -85,8 +84,8 @@ def test_no_label_is_read_before_the_stream_is_predicted(source, monkeypatch, tm
     finally:
         Trap.armed = True
     assert calls == [x.shape] and 0 <= res["test_acc"] <= 100
-    assert res["test_acc"] == pytest.approx(sum(b["acc"] * b["n"] for b in res["history"][0]["stream"]) / 48,
-                                            abs=1e-3)
+    streamed = sum(b["acc"] * b["n"] for b in res["history"][0]["stream"]) / 48
+    assert res["test_acc"] == pytest.approx(streamed, abs=1e-3)
 
 
 @pytest.mark.parametrize("spec, cache, memo", [("layer1", False, 0), ("layer2", True, 0), ("fc", True, 0),
@@ -95,15 +94,15 @@ def test_only_the_tuned_block_changes(source, spec, cache, memo):
     names = FT.tune_names(source, spec)
     k = M.first_stage(names) if cache else 0
     net = copy.deepcopy(source)
-    U.adapt_stream(net, names, C.prefix(source, stream_images(), k), ent_args("--tune", spec, "--ent_copies",
-                                                                             str(memo)), start=k, **QUIET)
+    x = C.prefix(source, stream_images(), k)
+    U.adapt_stream(net, names, x, ent_args("--tune", spec, "--ent_copies", str(memo)), start=k, **QUIET)
     src = dict(source.named_parameters())
     norms = rgn.norm_param_names(source)
     for n, p in net.named_parameters():
         # auto_rgn keeps the norms at the source
         moves = n in names and not (spec == "auto_rgn" and n in norms)
-        assert torch.equal(p,
-                           src[n]) != moves, f"{n}: {'tuned but unchanged' if moves else 'frozen but changed'}"
+        why = "tuned but unchanged" if moves else "frozen but changed"
+        assert torch.equal(p, src[n]) != moves, f"{n}: {why}"
 
 
 def test_each_batch_is_scored_before_its_own_update(source):
@@ -119,9 +118,8 @@ def test_each_batch_is_scored_before_its_own_update(source):
             U.adapt_stream(net, names, x[:16 * i], args, **QUIET)
         pred, ent = U.predict(net, x[16 * i:16 * (i + 1)])
         assert torch.equal(preds[16 * i:16 * (i + 1)], pred) and stream[i]["entropy"] == ent, f"batch {i}"
-    peek, peeked = U.adapt_stream(copy.deepcopy(source), names, x[:16], ent_args("--tune", "layer2",
-                                                                                 "--episodic"),
-                                   **QUIET)
+    episodic = ent_args("--tune", "layer2", "--episodic")
+    peek, peeked = U.adapt_stream(copy.deepcopy(source), names, x[:16], episodic, **QUIET)
     assert not torch.equal(peek, preds[:16]) and peeked[0]["entropy"] < stream[0]["entropy"] - 0.01
 
 
@@ -154,17 +152,17 @@ def test_end_to_end_through_main(tmp_path, monkeypatch):
     monkeypatch.setitem(FT.data.CORRUPTIONS, "gaussian_noise", noise)
     write_cifar(tmp_path, train_sizes=(80, 80), test_size=60)
     ckpt, cache = str(tmp_path / "src.pt"), str(tmp_path / "cache")
-    T.main(["--data_dir", str(tmp_path), "--cache_dir", cache, "--holdout", "60", "--epochs", "1", "--limit",
-            "40",
-            "--batch_size", "20", "--device", "cpu", "--out", ckpt])
-    argv = ["--ckpt", ckpt, "--data_dir", str(tmp_path), "--cache_dir", cache, "--device", "cpu", "--train_n",
-            "50",
-            "--val_per_class", "2", "--test_per_class", "5", "--corruption", "gaussian_noise", "--objective",
-            "entropy", "--ent_batch_size", "16", "--out_dir", str(tmp_path / "res")]
+    T.main(["--data_dir", str(tmp_path), "--cache_dir", cache, "--holdout", "60", "--epochs", "1",
+            "--limit", "40", "--batch_size", "20", "--device", "cpu", "--out", ckpt])
+    argv = ["--ckpt", ckpt, "--data_dir", str(tmp_path), "--cache_dir", cache, "--device", "cpu",
+            "--train_n", "50", "--val_per_class", "2", "--test_per_class", "5",
+            "--corruption", "gaussian_noise", "--objective", "entropy", "--ent_batch_size", "16",
+            "--out_dir", str(tmp_path / "res")]
     res, = FT.main(argv + ["--tune", "layer1"])
-    saved = json.loads(open(result_file(tmp_path / "res",
-                                        "cifar_c-gaussian_noise-layer1-s0-entropy.json")).read())
-    assert saved["objective"] == "entropy" and saved["val_acc"] is None and saved["test_acc"] == res["test_acc"]
+    path = result_file(tmp_path / "res", "cifar_c-gaussian_noise-layer1-s0-entropy.json")
+    saved = json.loads(open(path).read())
+    assert saved["objective"] == "entropy" and saved["val_acc"] is None
+    assert saved["test_acc"] == res["test_acc"]
     assert [b["n"] for b in saved["history"][0]["stream"]] == [16, 16, 16, 2] and saved["prefix_stage"] == 0
     # lr 0 = no adaptation, another order
     none, = FT.main(argv + ["--tune", "fc", "--seed", "1", "--ent_lr", "0"])
@@ -178,8 +176,7 @@ def test_table_keeps_entropy_results_apart(tmp_path):
 
     def put(corruption, tune, seed, acc, objective=None):
         r = {"data": "cifar_c", "corruption": corruption, "tune": tune, "seed": seed, "test_acc": acc,
-             "val_acc": 0.0,
-             "args": {}, **({"objective": objective} if objective else {})}
+             "val_acc": 0.0, "args": {}, **({"objective": objective} if objective else {})}
         (tmp_path / f"{corruption}-{tune}-{seed}-{objective}.json").write_text(json.dumps(r))
     for s in (0, 1):
         put("gaussian_noise", "none", s, 40.0)
@@ -193,8 +190,9 @@ def test_table_keeps_entropy_results_apart(tmp_path):
     md = table.render(res, notes, str(tmp_path))
     assert "| No Adaptation | 40.0 (0.0) |" in md  # the supervised table sees only the supervised results
     lines = md.split("(--objective entropy)")[1].splitlines()
-    assert "| Tune | paired | all run | gaussian_noise |" in lines and "of the 2 present (gaussian_noise, snow)" in md
-    # paired: gaussian_noise only (snow lacks layer1 seed 1); all run: per seed (70 + 90) / 2 and 72 for
-    # layer1
+    assert "| Tune | paired | all run | gaussian_noise |" in lines
+    assert "of the 2 present (gaussian_noise, snow)" in md
+    # paired: gaussian_noise only (snow lacks layer1 seed 1);
+    # all run: per seed (70 + 90) / 2 and 72 for layer1
     assert "| none | 50.0 (0.0) | 55.0 (0.0) | 50.0 (0.0) |" in lines
     assert "| layer1 | 71.0 (1.4) | 76.0 (5.7)* | 71.0 (1.4) |" in lines  # mean 76, std 4 * 2**.5

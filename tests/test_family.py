@@ -45,11 +45,9 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
     """train.py's waterbirds recipe (1 epoch here), then finetune.py tunes fc; the cells are worst-group
     accuracy, selected on worst-group val accuracy."""
     ckpt = tmp_path / "wb.pt"
-    T.main(["--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--out", str(ckpt), "--device",
-            "cpu",
-            "--cache_dir", str(tmp_path / "cache"), "--image_size", "32", "--weights", "none", "--epochs",
-            "1",
-            "--batch_size", "8"])
+    T.main(["--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--out", str(ckpt),
+            "--device", "cpu", "--cache_dir", str(tmp_path / "cache"), "--image_size", "32",
+            "--weights", "none", "--epochs", "1", "--batch_size", "8"])
     argv = common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"), "--ckpt", str(ckpt),
                   "--train_n", "12", "--val_per_class", "2", "--out_dir", str(tmp_path / "res"))
     res, = FT.main(argv + ["--tune", "fc"])
@@ -66,7 +64,8 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
             assert len(e["test_group_acc"]) == 4 and e["test_acc"] == min(e["test_group_acc"])
             assert e["test_avg_acc"] == pytest.approx(sum(e["test_group_acc"]) / 4)
     sel = out["selected"]
-    assert out["test_acc"] == sel["test_acc"] and out["test_avg_acc"] == sel["test_avg_acc"] == res["test_avg_acc"]
+    assert out["test_acc"] == sel["test_acc"]
+    assert out["test_avg_acc"] == sel["test_avg_acc"] == res["test_avg_acc"]
     # fc: everything before the head computed once
     assert out["prefix_stage"] == len(tiny_resnet50().stages) - 1
 
@@ -80,7 +79,7 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
     x, y = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.arange(24) % 3
     target = {"train": (x[:16], y[:16]), "val": (x[16:20], y[16:20]), "test": (x[20:], y[20:])}
     args = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "2", "--batch_size", "8",
-                          "--device", "cpu"])
+                         "--device", "cpu"])
     names = FT.tune_names(source, tune)
     runs = []
     for cache in (True, False):
@@ -98,8 +97,8 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
         assert a["val_acc"] == b["val_acc"] and a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     # --bn train: batch statistics, so the running ones of the tuned block move and nothing is cached
-    targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8", "--bn",
-                           "train", "--device", "cpu"])
+    targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8",
+                          "--bn", "train", "--device", "cpu"])
     assert C.cache_stage(names, targs, "resnet50") == 0
     net = copy.deepcopy(source)
     FT.finetune(net, names, target, 1e-2, targs)
@@ -117,7 +116,7 @@ def test_prefix_cache_budget_runs_the_rest_whole():
     one = C.prefix(source, x[:1], k)
     per_split = 4 * one.numel() * one.element_size()  # bytes of one split's cached activations
     args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
-                          "--prefix_cache_gb", str(1.5 * per_split / 2 ** 30)])
+                         "--prefix_cache_gb", str(1.5 * per_split / 2 ** 30)])
     splits, starts = C.cached_splits(source, target, k, args, **QUIET)
     assert starts == {"train": k, "val": 0, "test": 0}  # train fits, then the budget is spent
     assert splits["val"][0] is target["val"][0] and splits["train"][0].shape == (4, *one.shape[1:])
@@ -133,10 +132,9 @@ def test_living17_train_then_finetune(tmp_path):
     ckpt = str(tmp_path / "l17.pt")
     T.main(common(tmp_path, "--data", "living17", "--out", ckpt, *folders))
     assert CK.load_checkpoint(ckpt)[1]["num_classes"] == len(facts["living17"]["superclasses"])
-    res, = FT.main(common(tmp_path, "--data", "living17", "--ckpt", ckpt, "--tune", "layer4", "--train_n",
-                          "6",
-                          "--val_per_class", "2", "--lrs", "1e-3", "--out_dir", str(tmp_path / "res"),
-                          *folders))
+    res, = FT.main(common(tmp_path, "--data", "living17", "--ckpt", ckpt, "--tune", "layer4",
+                          "--train_n", "6", "--val_per_class", "2", "--lrs", "1e-3",
+                          "--out_dir", str(tmp_path / "res"), *folders))
     assert res["tune"] == "layer4" and res["metric"] == "accuracy" and res["test_avg_acc"] is None
     assert 0 <= res["source_acc_before"] <= 100 and res["severity"] is None
     assert res["args"]["wd"] == 0.0  # PROTOCOL section 8 for BREEDS
@@ -145,10 +143,10 @@ def test_living17_train_then_finetune(tmp_path):
 
 def test_imagenet_c_two_corruptions_and_the_1000_class_check(tmp_path):
     make_imagenet_c(str(tmp_path / "inc"), corruptions=("fog", "snow"), per_class=6)
-    argv = common(tmp_path, "--data", "imagenet_c", "--data_dir", str(tmp_path / "inc"), "--corruption",
-                  "fog,snow", "--train_n", "6", "--val_per_class", "2", "--test_per_class", "2", "--lrs",
-                  "1e-3",
-                  "--out_dir", str(tmp_path / "res"), "--tune", "fc")
+    argv = common(tmp_path, "--data", "imagenet_c", "--data_dir", str(tmp_path / "inc"),
+                  "--corruption", "fog,snow", "--train_n", "6", "--val_per_class", "2",
+                  "--test_per_class", "2", "--lrs", "1e-3", "--out_dir", str(tmp_path / "res"),
+                  "--tune", "fc")
     # --ckpt imagenet: the ImageNet head, 3 classes here
     with pytest.raises(SystemExit, match="needs all 1000"):
         FT.main(argv)
@@ -166,9 +164,8 @@ def test_wrong_arch_and_missing_folder_are_one_line(tmp_path, waterbirds):
         FT.main(common(tmp_path, "--data", "waterbirds", "--data_dir", str(waterbirds / "wb"),
                        "--ckpt", cifar_ckpt))
     with pytest.raises(SystemExit, match="metadata.csv is missing") as e:
-        T.main(["--data", "waterbirds", "--data_dir", str(tmp_path / "nowhere"), "--out",
-                str(tmp_path / "new.pt"),
-                "--device", "cpu", "--weights", "none"])
+        T.main(["--data", "waterbirds", "--data_dir", str(tmp_path / "nowhere"),
+                "--out", str(tmp_path / "new.pt"), "--device", "cpu", "--weights", "none"])
     assert "\n" not in str(e.value) and not (tmp_path / "new.pt").exists()
     # no silent training
     with pytest.raises(SystemExit, match="python train.py --data waterbirds --data_dir") as e:

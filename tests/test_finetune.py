@@ -22,10 +22,8 @@ from tinydata import make_images, result_file, untagged
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
 QUIET = dict(log=lambda s: None)
 KEYS = {"objective", "data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage",
-        "history", "selected",
-        "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds", "torch", "device",
-        "metric",
-        "test_avg_acc", "variant", "changed"}
+        "history", "selected", "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds",
+        "torch", "device", "metric", "test_avg_acc", "variant", "changed"}
 
 
 def tiny_args(*extra):
@@ -69,8 +67,8 @@ def test_only_the_tuned_parameters_move(source, spec, cache):
     assert set(best) == set(names)
     # the prefix list: the first unit of layer2 and the head, not the rest of layer2
     if spec == "layer2.0.,fc.":
-        assert {n.split(".")[0] + "." + n.split(".")[1] for n in names} == {"layer2.0", "fc.weight",
-                                                                            "fc.bias"}
+        prefixes = {n.split(".")[0] + "." + n.split(".")[1] for n in names}
+        assert prefixes == {"layer2.0", "fc.weight", "fc.bias"}
 
 
 def test_prefix_list_and_blocks_resolve():
@@ -142,8 +140,8 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
     res = FT.run(args, source, target, clean, "clean", 0.0, **QUIET)
     assert (res["selected"]["lr"], res["selected"]["epoch"], res["val_acc"]) == (0.1, 1, 60)
-    assert json.loads(open(result_file(tmp_path,
-                                       "cifar_c-clean-fc-s0.json")).read())["selected"] == res["selected"]
+    saved = json.loads(open(result_file(tmp_path, "cifar_c-clean-fc-s0.json")).read())
+    assert saved["selected"] == res["selected"]
     monkeypatch.undo()
     net = copy.deepcopy(source)
     FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"))
@@ -156,8 +154,8 @@ def test_l1_penalty_keeps_weights_near_the_source(source):
     dist = {}
     for lam in (0.0, 1.0):
         net, h, _ = tune(source, names, args, lr=1e-2, l1_lambda=lam)
-        dist[lam] = sum((p - q).abs().sum().item() for p, q in zip(net.fc.parameters(),
-                                                                   source.fc.parameters()))
+        pairs = zip(net.fc.parameters(), source.fc.parameters())
+        dist[lam] = sum((p - q).abs().sum().item() for p, q in pairs)
     assert dist[1.0] < 0.5 * dist[0.0]
 
 
@@ -181,11 +179,9 @@ def test_select_rule():
 
 def ft_argv(tiny, out, *extra, ckpt=None):
     root, src = tiny
-    return ["--ckpt", ckpt or src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device",
-            "cpu",
-            "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3", "--epochs", "1",
-            "--batch_size",
-            "25", "--out_dir", str(out), *extra]
+    return ["--ckpt", ckpt or src, "--data_dir", str(root), "--cache_dir", str(root / "cache"),
+            "--device", "cpu", "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3",
+            "--epochs", "1", "--batch_size", "25", "--out_dir", str(out), *extra]
 
 
 @pytest.fixture
@@ -205,20 +201,20 @@ def test_end_to_end_flip_fc(tiny, tmp_path):
     assert [h["lr"] for h in saved["history"]] == [1e-2, 1e-3]
     assert all([e["epoch"] for e in h["epochs"]] == [0, 1, 2] for h in saved["history"])
     sel = FT.select(saved["history"])
-    assert saved["selected"] == {k: v for k, v in sel.items()
-                                 if k != "run"} and saved["test_acc"] == sel["test_acc"]
+    assert saved["selected"] == {k: v for k, v in sel.items() if k != "run"}
+    assert saved["test_acc"] == sel["test_acc"]
     assert saved["selected"]["epoch"] >= 1 and 0 <= saved["source_acc"] <= 100
     assert res["test_acc"] == saved["test_acc"] and saved["args"]["tune"] == "fc"
 
 
 def test_end_to_end_corruptions_none(tiny, tmp_path, fake_corruptions, capsys):
-    results = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_c", "--corruption",
-                              "gaussian_noise,shot_noise",
-                              "--tune", "none"))
+    results = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_c",
+                              "--corruption", "gaussian_noise,shot_noise", "--tune", "none"))
     assert untagged(tmp_path) == ["cifar_c-gaussian_noise-none-s0.json", "cifar_c-shot_noise-none-s0.json"]
     for r in results:
         assert r["selected"]["epoch"] == 0 and r["trained"]["params"] == 0
-        assert r["test_acc"] == r["history"][0]["epochs"][0]["test_acc"] and r["source_acc"] == r["source_acc_before"]
+        assert r["test_acc"] == r["history"][0]["epochs"][0]["test_acc"]
+        assert r["source_acc"] == r["source_acc_before"]
     assert "mean over 2 corruptions" in capsys.readouterr().out
 
 
@@ -234,9 +230,8 @@ def test_missing_checkpoint_names_the_train_command(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["auto_rgn", "auto_snr", "auto_snr_pe", "l1"])
 def test_automatic_methods_end_to_end(tiny, tmp_path, method):
-    extra = {"auto_rgn": [], "auto_snr": ["--epochs", "2"], "auto_snr_pe": ["--snr", "per_example", "--snr_n",
-                                                                            "8",
-                                                                             "--snr_threshold", "0.3"],
+    extra = {"auto_rgn": [], "auto_snr": ["--epochs", "2"],
+             "auto_snr_pe": ["--snr", "per_example", "--snr_n", "8", "--snr_threshold", "0.3"],
              "l1": ["--l1_lambdas", "1e-4,1e-3"]}[method]
     tune = method.replace("_pe", "")
     res, = FT.main(ft_argv(tiny, tmp_path, "--data", "cifar_flip", "--tune", tune, "--lrs", "1e-3", *extra))
@@ -259,18 +254,17 @@ def test_automatic_methods_end_to_end(tiny, tmp_path, method):
     if method == "auto_snr_pe":
         scores, chosen = res["snr"]["scores"], res["snr"]["selected"]
         assert len(scores) == n_all and 0 < len(chosen) < n_all and res["trained"]["names"] == chosen
-        assert all((scores[n] >= 0.3) == (n in chosen)
-                   for n in scores) and res["variant"] == "snr_per_example"
+        assert all((scores[n] >= 0.3) == (n in chosen) for n in scores)
+        assert res["variant"] == "snr_per_example"
     if method == "l1":
         assert [h["lambda"] for h in res["history"]] == [1e-4, 1e-3]
         assert res["selected"]["lambda"] in (1e-4, 1e-3) and res["trained"]["tensors"] == n_all
 
 
 @pytest.mark.parametrize("bad, says", [
-    (["--tune", "layer9"], "--tune"), (["--tune", "layer2,bogus."], "bogus."), (["--tune", "fc,auto_rgn"],
-                                                                                "auto_rgn"),
-    (["--corruption", "gaussian_nois"], "unknown corruption"), (["--train_n", "1000"], "train_n"),
-    (["--lrs", "1e-3,x"], "--lrs")])
+    (["--tune", "layer9"], "--tune"), (["--tune", "layer2,bogus."], "bogus."),
+    (["--tune", "fc,auto_rgn"], "auto_rgn"), (["--corruption", "gaussian_nois"], "unknown corruption"),
+    (["--train_n", "1000"], "train_n"), (["--lrs", "1e-3,x"], "--lrs")])
 def test_bad_input_fails_with_one_line(tiny, tmp_path, fake_corruptions, bad, says):
     with pytest.raises(SystemExit) as e:
         FT.main(ft_argv(tiny, tmp_path, "--corruption", "gaussian_noise", *bad))
@@ -301,19 +295,19 @@ def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monke
     out = {}
     for every in (True, False):
         calls.clear()
-        args = tiny_args("--tune", "layer2", "--lrs", "1e-1,1e-2,1e-3", "--epochs", "4", "--out_dir",
-                         str(tmp_path),
-                         *(["--test_every_epoch"] if every else []))
+        args = tiny_args("--tune", "layer2", "--lrs", "1e-1,1e-2,1e-3", "--epochs", "4",
+                         "--out_dir", str(tmp_path), *(["--test_every_epoch"] if every else []))
         out[every] = FT.run(args, source, target, None, "clean", 0.0, **QUIET), calls.count(16)
     (full, n_full), (lean, n_lean) = out[True], out[False]
     assert lean["selected"] == full["selected"] and lean["test_acc"] == full["test_acc"]
-    assert [e["val_acc"] for h in lean["history"] for e in h["epochs"]] == \
-           [e["val_acc"] for h in full["history"] for e in h["epochs"]]
+    lean_epochs = [e for h in lean["history"] for e in h["epochs"]]
+    full_epochs = [f for h in full["history"] for f in h["epochs"]]
+    assert [e["val_acc"] for e in lean_epochs] == [f["val_acc"] for f in full_epochs]
     assert n_full == 1 + 3 * 4 and n_lean < n_full  # epoch 0 once, then every epoch of every lr
     scored = [e for h in lean["history"] for e in h["epochs"][1:] if e["test_acc"] is not None]
-    assert all(e["test_acc"] == f["test_acc"] for e, f in zip(
-        [e for h in lean["history"] for e in h["epochs"]], [f for h in full["history"] for f in h["epochs"]])
-        if e["test_acc"] is not None) and 1 + len(scored) == n_lean
+    assert all(e["test_acc"] == f["test_acc"] for e, f in zip(lean_epochs, full_epochs)
+               if e["test_acc"] is not None)
+    assert 1 + len(scored) == n_lean
 
 
 def test_auto_rgn_measures_at_the_epoch_start_weights(source):

@@ -10,7 +10,8 @@ import torch
 
 import data
 import family
-from fakefolders import make_breeds_info, make_celeba, make_imagenet, make_imagenet_c, make_waterbirds, write_image
+from fakefolders import (make_breeds_info, make_celeba, make_imagenet, make_imagenet_c, make_waterbirds,
+                         write_image)
 
 
 SIZE = 32  # px: tiny crops keep the file fast
@@ -28,8 +29,8 @@ def exits(fn, *args, **kw):
 def spy_reads(monkeypatch):
     """Record the paths of every read_images call (still decoding them); returns the list of calls."""
     calls, real = [], family.read_images
-    monkeypatch.setattr(family, "read_images", lambda paths, *a, **k: calls.append(list(paths)) or real(paths,
-                                                                                                        *a, **k))
+    monkeypatch.setattr(family, "read_images",
+                        lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
     return calls
 
 
@@ -76,8 +77,8 @@ def test_read_images_names_a_missing_or_broken_file(tmp_path):
     good = str(tmp_path / "good.JPEG")
     write_image(good, 0)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    assert "broken.jpg cannot be decoded" in exits(family.read_images, [good, str(tmp_path / "broken.jpg")],
-                                                   SIZE)
+    broken = str(tmp_path / "broken.jpg")
+    assert "broken.jpg cannot be decoded" in exits(family.read_images, [good, broken], SIZE)
     gone = str(tmp_path / "gone.jpg")
     assert f"{gone} is missing" in exits(family.read_images, [good, gone], SIZE)
     assert f"{gone} is missing" in exits(family.read_images, [good, gone], SIZE,
@@ -88,8 +89,8 @@ def test_read_images_names_a_missing_or_broken_file(tmp_path):
 
 def test_parse_imagenet_c():
     assert family.parse_imagenet_c("paper15") == family.IMAGENET_C15 and len(family.IMAGENET_C15) == 15
-    assert len(family.parse_imagenet_c("all19")) == 19 and family.parse_imagenet_c("fog,snow") == ("fog",
-                                                                                                   "snow")
+    assert len(family.parse_imagenet_c("all19")) == 19
+    assert family.parse_imagenet_c("fog,snow") == ("fog", "snow")
     assert "speckle_noise" in family.parse_imagenet_c("all19")
     msg = exits(family.parse_imagenet_c, "fog,blurry")
     assert "blurry" in msg and "paper15" in msg and "jpeg_compression" in msg
@@ -108,7 +109,7 @@ def test_imagenet_c_target_same_files_for_every_corruption(tmp_path, monkeypatch
     make_imagenet_c(str(tmp_path / "c"), ("fog", "snow"), (5,), per_class=6)
     calls = spy_reads(monkeypatch)
     t = {c: family.family_target("imagenet_c", str(tmp_path / "c"), corruption=c, train_n=6, val_per_class=1,
-                               test_per_class=2, size=SIZE) for c in ("fog", "snow")}
+                                 test_per_class=2, size=SIZE) for c in ("fog", "snow")}
     fog = t["fog"]
     assert fog["num_classes"] == 3 and fog["counts"] == {"train": 6, "val": 3, "test": 6}
     for split, n in (("train", 2), ("val", 1), ("test", 2)):
@@ -116,14 +117,13 @@ def test_imagenet_c_target_same_files_for_every_corruption(tmp_path, monkeypatch
         assert x.shape == (3 * n, 3, SIZE, SIZE) and torch.bincount(y, minlength=3).tolist() == [n] * 3
     assert fog["groups"] is None and fog["source_test"] is None
     assert len(calls) == 6 and sum(map(len, calls)) == 30  # only the returned images are decoded
-    rel = [[os.path.relpath(p, str(tmp_path / "c" / c / "5")) for p in call] for call, c in zip(calls,
-                                                                                                ["fog"] * 3 +
-                                                                                                  ["snow"] * 3)]
+    rel = [[os.path.relpath(p, str(tmp_path / "c" / c / "5")) for p in call]
+           for call, c in zip(calls, ["fog"] * 3 + ["snow"] * 3)]
     assert rel[:3] == rel[3:]  # the same files under both corruptions
     assert not set(rel[0]) & set(rel[1]) and not set(rel[1]) & set(rel[2])  # splits disjoint
     assert not torch.equal(fog["train"][0], t["snow"]["train"][0])  # but the images differ
-    assert exits(family.family_source, "imagenet_c", str(tmp_path / "c")).startswith("error: imagenet_c has "
-                                                                                     "no source")
+    msg = exits(family.family_source, "imagenet_c", str(tmp_path / "c"))
+    assert msg.startswith("error: imagenet_c has no source")
 
 
 def test_imagenet_c_layout_errors(tmp_path):
@@ -149,8 +149,8 @@ def test_breeds_classes_match_a_hand_computation(tmp_path):
     for name, n_sub in (("living17", 4), ("entity30", 8)):
         supers, source, target, names = family.breeds_classes(name, str(tmp_path))
         f = facts[name]
-        # living17: S3 is at level 5 only by the longest path (level 4 by the shortest), so 3 superclasses not
-        # 2
+        # living17: S3 is at level 5 only by the longest path (level 4 by the shortest),
+        # so 3 superclasses not 2
         assert supers == f["superclasses"] == sorted(supers) and names == f["names"]
         for s, src, tgt in zip(supers, source, target):
             assert len(src) == len(tgt) == n_sub // 2 and not set(src) & set(tgt)
@@ -169,17 +169,15 @@ def test_breeds_files_and_splits(tmp_path, monkeypatch):
     make_imagenet(str(tmp_path / "in"), facts["leaves"], n_train=4, n_val=2)
     supers, source, target, _ = family.breeds_classes("living17", str(tmp_path / "info"))
     f = family.breeds_files("living17", str(tmp_path / "in"), str(tmp_path / "info"))
-    for key, subs, per in (("source_train", source, 4), ("source_test", source, 2), ("target_train", target,
-                                                                                     4),
-                           ("target_test", target, 2)):
+    for key, subs, per in (("source_train", source, 4), ("source_test", source, 2),
+                           ("target_train", target, 4), ("target_test", target, 2)):
         paths, y = f[key]
         assert torch.bincount(y).tolist() == [2 * per] * 3  # 2 subclasses per superclass
         assert all(os.path.basename(os.path.dirname(p)) in subs[k] for p, k in zip(paths, y.tolist()))
         assert f"{os.sep}{'val' if key.endswith('test') else 'train'}{os.sep}" in paths[0]
     calls = spy_reads(monkeypatch)
     t = family.family_target("living17", str(tmp_path / "in"), str(tmp_path / "info"), train_n=10,
-                             val_per_class=2,
-                           size=SIZE)
+                             val_per_class=2, size=SIZE)
     assert t["num_classes"] == 3 and t["counts"] == {"train": 10, "val": 6, "test": 12}
     assert torch.bincount(t["train"][1]).tolist() == [4, 3, 3]  # 10 over 3: the first one more
     assert torch.bincount(t["val"][1]).tolist() == [2, 2, 2] and t["test"][0].shape == (12, 3, SIZE, SIZE)
@@ -187,12 +185,13 @@ def test_breeds_files_and_splits(tmp_path, monkeypatch):
     assert not set(train) & set(val) and set(train) | set(val) <= set(f["target_train"][0])
     assert sorted(test) == sorted(f["target_test"][0]) and sorted(calls[0]) == sorted(f["source_test"][0])
     assert t["source_test"][0].shape == (12, 3, SIZE, SIZE) and t["groups"] is None
-    assert "class/group 0 has 8 images, fewer than the 9 asked (4+5); lower --train_n or --val_per_class" in exits(
-        family.family_target, "living17", str(tmp_path / "in"), str(tmp_path / "info"), train_n=12,
-                                                                                                                   val_per_class=5)
+    msg = exits(family.family_target, "living17", str(tmp_path / "in"), str(tmp_path / "info"),
+                train_n=12, val_per_class=5)
+    assert ("class/group 0 has 8 images, fewer than the 9 asked (4+5); "
+            "lower --train_n or --val_per_class") in msg
     d, k = family.family_source("entity30", str(tmp_path / "in"), str(tmp_path / "info"), size=SIZE, limit=5)
-    assert k == 2 and d["train"][0].shape == (5, 3, SIZE, SIZE) and d["test"][0].shape == (2 * 4 * 2, 3, SIZE,
-                                                                                           SIZE)
+    assert k == 2 and d["train"][0].shape == (5, 3, SIZE, SIZE)
+    assert d["test"][0].shape == (2 * 4 * 2, 3, SIZE, SIZE)
 
 
 def test_breeds_errors(tmp_path):
@@ -228,8 +227,8 @@ def test_waterbirds_groups_and_balanced_target(tmp_path, monkeypatch):
         assert g.tolist() == [truth[os.path.basename(p)] for p in paths] and torch.equal(y, g // 2)
     calls = spy_reads(monkeypatch)
     t = family.family_target("waterbirds", str(tmp_path), train_n=8, val_per_class=3, size=SIZE)
-    assert t["num_classes"] == 2 and t["counts"] == {"train": 8, "val": 12,
-                                                     "test": 12} and t["source_test"] is None
+    assert t["num_classes"] == 2 and t["counts"] == {"train": 8, "val": 12, "test": 12}
+    assert t["source_test"] is None
     train, val, test = calls
     assert sorted(truth[os.path.basename(p)] for p in train) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.bincount(t["groups"]["val"]).tolist() == [3] * 4 and not set(train) & set(val)
@@ -238,9 +237,8 @@ def test_waterbirds_groups_and_balanced_target(tmp_path, monkeypatch):
     d, k = family.family_source("waterbirds", str(tmp_path), size=SIZE)
     assert k == 2 and len(d["train"][1]) == 12 and d["test"] is None
     assert "multiple of 4" in exits(family.family_target, "waterbirds", str(tmp_path), train_n=10)
-    assert "lower --train_n or --val_per_class" in exits(family.family_target, "waterbirds", str(tmp_path),
-                                                         train_n=8,
-                                                         val_per_class=5)
+    msg = exits(family.family_target, "waterbirds", str(tmp_path), train_n=8, val_per_class=5)
+    assert "lower --train_n or --val_per_class" in msg
     assert "lower --test_per_class" in exits(family.family_target, "waterbirds", str(tmp_path), train_n=8,
                                              val_per_class=3, test_per_class=4)
 
@@ -272,15 +270,15 @@ def test_celeba_groups_and_errors(tmp_path):
         assert g.tolist() == [truth[os.path.basename(p)] for p in paths] and torch.equal(y, g // 2)
         assert all(p.startswith(str(tmp_path / "celeba" / "img_align_celeba")) for p in paths)
     t = family.family_target("celeba", str(tmp_path), train_n=4, val_per_class=2, test_per_class=1, size=SIZE)
-    assert t["counts"] == {"train": 4, "val": 8, "test": 4} and sorted(t["groups"]["test"].tolist()) == [0, 1,
-                                                                                                         2, 3]
+    assert t["counts"] == {"train": 4, "val": 8, "test": 4}
+    assert sorted(t["groups"]["test"].tolist()) == [0, 1, 2, 3]
     # an image file referenced but missing: named when it is read (the whole test split is read here)
-    gone = os.path.join(str(tmp_path), "celeba", "img_align_celeba", [r for r in rows
-                                                                      if r["split"] == 2][0]["file"])
+    first_test = [r for r in rows if r["split"] == 2][0]["file"]
+    gone = os.path.join(str(tmp_path), "celeba", "img_align_celeba", first_test)
     os.remove(gone)
     assert f"{gone} is missing" in exits(family.family_target, "celeba", str(tmp_path), train_n=4,
-                                         val_per_class=2,
-                                         test_per_class=0, size=SIZE, cache_dir=str(tmp_path / "cache"))
+                                         val_per_class=2, test_per_class=0, size=SIZE,
+                                         cache_dir=str(tmp_path / "cache"))
     attr = str(tmp_path / "celeba" / "list_attr_celeba.txt")
     text = open(attr).read()
     with open(attr, "w") as f:
@@ -304,7 +302,8 @@ def test_balanced_indices():
     assert labels[a].tolist().count(0) == 2 and torch.bincount(labels[b], minlength=3).tolist() == [1, 1, 0]
     assert torch.bincount(labels[c], minlength=3).tolist() == [2, 1, 1]  # the rest
     assert sorted(torch.cat([a, b, c]).tolist()) == list(range(10))  # disjoint and covering
-    assert all(torch.equal(i, j) for i, j in zip((a, b, c), data.per_class_split(
-        labels, [[2, 1, 1], [1, 1, 0], [None, None, None]], seed=3)))
+    again = data.per_class_split(labels, [[2, 1, 1], [1, 1, 0], [None, None, None]], seed=3)
+    assert all(torch.equal(i, j) for i, j in zip((a, b, c), again))
     msg = exits(data.per_class_split, labels, [[1, 1, 1], [1, 1, 2]])
-    assert "class/group 2 has 2 images, fewer than the 3 asked (1+2); lower --train_n or --val_per_class" in msg
+    assert ("class/group 2 has 2 images, fewer than the 3 asked (1+2); "
+            "lower --train_n or --val_per_class") in msg

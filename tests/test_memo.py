@@ -6,13 +6,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 import finetune as FT
 import protocol as P
 import unsupervised as memo
-from PIL import Image, ImageOps
 from tinydata import make_images, narrow_resnet26
-
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,8 @@ def pil(x, f):
     return torch.from_numpy(np.array(f(Image.fromarray(x.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("op, ref", [(memo.autocontrast, ImageOps.autocontrast), (memo.equalize,
-                                                                                  ImageOps.equalize),
+@pytest.mark.parametrize("op, ref", [(memo.autocontrast, ImageOps.autocontrast),
+                                     (memo.equalize, ImageOps.equalize),
                                      (memo.posterize, lambda im: ImageOps.posterize(im, 4))])
 def test_point_ops_equal_pil(images, op, ref):
     out = op(images, torch.Generator())
@@ -49,8 +48,7 @@ def test_geometric_ops_match_pil_inside_the_border(images):
         out = memo._affine(smooth, torch.tensor(theta).expand(len(smooth), 2, 3))
         for i in range(0, len(smooth), 5):
             ref = pil(smooth[i], lambda im: im.transform((32, 32), Image.AFFINE, coeffs,
-                                                         resample=Image.BILINEAR,
-                                                          fillcolor=128)).int()
+                                                         resample=Image.BILINEAR, fillcolor=128)).int()
             assert (out[i].int() - ref)[:, 2:-2, 2:-2].abs().max() <= 1
             if coeffs[2] == 1:  # the column shifted in is MEMO's fill, (128, 0, 0) on an RGB image
                 assert out[i, :, :, -1].tolist() == ref[:, :, -1].tolist()

@@ -92,8 +92,8 @@ def test_resnet50_matches_torchvision():
     from torchvision.models import resnet50
     from tinydata import tiny_resnet50
     tv, ours = resnet50(), M.build_model("resnet50", 1000)
-    assert {k: v.shape for k, v in tv.state_dict().items()} == {k: v.shape for k,
-                                                                v in ours.state_dict().items()}
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in tv.state_dict().items()} == shapes
     torch.manual_seed(0)
     small = tiny_resnet50(5).eval()
     from torchvision.models.resnet import Bottleneck, ResNet
@@ -106,8 +106,8 @@ def test_resnet50_matches_torchvision():
         h = small(x, stop=3)  # stem + layer1 + layer2
         assert h.shape == (2, 512, 8, 8) and torch.equal(small(h, start=3), small(x))
     names = M.resolve_tune(small, "layer3")
-    assert M.first_stage(names, "resnet50") == 3 and M.first_stage(M.resolve_tune(small, "layer1"),
-                                                                   "resnet50") == 0
+    assert M.first_stage(names, "resnet50") == 3
+    assert M.first_stage(M.resolve_tune(small, "layer1"), "resnet50") == 0
     assert M.first_stage(M.resolve_tune(small, "fc"), "resnet50") == len(small.stages) - 1
 
 

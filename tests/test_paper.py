@@ -2,6 +2,7 @@
 hub cache, checksum-checked before unpickling, weights_only always, one line for each way it can fail."""
 import hashlib
 import os
+import urllib.error
 
 import numpy as np
 import pytest
@@ -11,9 +12,7 @@ import checkpoints as CK
 import common as C
 import model as M
 import protocol as P
-import urllib.error
 import wrn
-
 
 
 @pytest.fixture
@@ -139,7 +138,7 @@ def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
     k = C.cache_stage(names, args, net.arch)
     assert k == 2  # conv1 and block1 computed once: exact, BatchNorm in eval mode
     before = {n: t.clone() for n, t in net.state_dict().items()}
-    FT.finetune(net, names, {s: (C.prefix(net, a, k), b) for s, (a, b) in splits.items()}, 1e-2, args,
-                start=k)
+    cached = {s: (C.prefix(net, a, k), b) for s, (a, b) in splits.items()}
+    FT.finetune(net, names, cached, 1e-2, args, start=k)
     for n, t in net.state_dict().items():  # block2's weights move; nothing else, running statistics included
         assert torch.equal(t, before[n]) != (n in names), n

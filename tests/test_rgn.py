@@ -7,11 +7,10 @@ import model as M
 from rgn import AutoRGN, block_multipliers, is_norm, norm_param_names, snr_scores, snr_select
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tensors here are tiny: one thread avoids spinning against other jobs on shared cores (10x on a busy
-    box)."""
+    """Tensors here are tiny: one thread avoids spinning against other jobs on shared cores
+    (10x on a busy box)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -19,8 +18,8 @@ def one_thread():
 
 
 class Tiny(nn.Module):
-    """Two Linear layers with a norm between them, named like the ResNets' norms (bn1) and final norm
-    (norm)."""
+    """Two Linear layers with a norm between them, named like the ResNets' norms (bn1) and
+    final norm (norm)."""
 
     def __init__(self, d_in=4, d_hid=8, d_out=3):
         super().__init__()
@@ -85,8 +84,8 @@ def test_step_measures_first_batches_then_holds_and_updates_like_adam():
             for t, p in zip(twin, net.parameters()):
                 t.grad = p.grad.clone()
             m0 = rgn_now(net, names) / rgn_now(net, names).max()
-            ref = torch.optim.Adam([{"params": [t], "lr": 1e-2 * m} for t, m in zip(twin, m0.tolist())],
-                                   lr=1e-2)
+            groups = [{"params": [t], "lr": 1e-2 * m} for t, m in zip(twin, m0.tolist())]
+            ref = torch.optim.Adam(groups, lr=1e-2)
             ref.step()
         before = dict(opt.multipliers)
         opt.step()
@@ -190,18 +189,18 @@ def test_norm_rule_fits_resnet26_and_torchvision_names():
     by_name = {n for n, p in net.named_parameters() if is_norm(n, p)}
     assert by_type == by_name and "norm.weight" in by_type and "layer3.3.bn2.bias" in by_type
     vec, mat = torch.zeros(4), torch.zeros(4, 4, 1, 1)
-    cases = [("bn1.weight", vec, True), ("layer1.0.bn3.bias", vec, True), ("layer4.2.conv3.weight", mat,
-                                                                           False),
-             ("layer1.0.downsample.1.weight", vec, True), ("layer1.0.downsample.0.weight", mat, False),
-             ("fc.bias", vec, False), ("encoder.ln_1.weight", vec, True), ("fc.weight", mat, False)]
+    cases = [("bn1.weight", vec, True), ("layer1.0.bn3.bias", vec, True),
+             ("layer4.2.conv3.weight", mat, False), ("layer1.0.downsample.1.weight", vec, True),
+             ("layer1.0.downsample.0.weight", mat, False), ("fc.bias", vec, False),
+             ("encoder.ln_1.weight", vec, True), ("fc.weight", mat, False)]
     for n, p, want in cases:
         assert is_norm(n, p) == want, n
     assert is_norm("fc.bias", vec, norm_names={"fc.bias"})  # an explicit set wins over the name rule
 
 
 def test_block_multipliers_average_per_block():
-    mult = {"conv1.weight": 0.2, "layer1.0.conv1.weight": 0.4, "layer2.0.conv1.weight": 0.5, "fc.weight": 1.0,
-            "fc.bias": 0.5}
+    mult = {"conv1.weight": 0.2, "layer1.0.conv1.weight": 0.4, "layer2.0.conv1.weight": 0.5,
+            "fc.weight": 1.0, "fc.bias": 0.5}
     got = block_multipliers(mult, M.BLOCKS["resnet26"])
     assert got == pytest.approx({"layer1": 0.3, "layer2": 0.5, "fc": 0.75})  # layer3 has none: left out
 
@@ -230,8 +229,8 @@ def test_snr_matches_per_example_loop_and_normalises():
     sub = snr_scores(net, F.cross_entropy, x, y, ["0.weight", "2.bias"])
     assert sorted(sub.values()) == [0.0, 1.0]
     mid = sorted(scores.values())[1]
-    assert snr_select(scores, mid) == [n for n in names if scores[n] >= mid] and len(snr_select(scores,
-                                                                                                mid)) == 3
+    assert snr_select(scores, mid) == [n for n in names if scores[n] >= mid]
+    assert len(snr_select(scores, mid)) == 3
     assert snr_select(scores, 1.0) == [max(scores, key=scores.get)] and snr_select(scores, 0.0) == names
 
 

@@ -33,8 +33,7 @@ def ft(tiny, out, *extra):
     root, src = tiny
     return ["--ckpt", src, "--data_dir", str(root), "--cache_dir", str(root / "cache"), "--device", "cpu",
             "--data", "cifar_flip", "--train_n", "50", "--val_per_class", "2", "--test_per_class", "3",
-            "--epochs",
-            "2", "--batch_size", "25", "--out_dir", str(out), *extra]
+            "--epochs", "2", "--batch_size", "25", "--out_dir", str(out), *extra]
 
 
 def one_line(e):
@@ -43,8 +42,7 @@ def one_line(e):
     return msg
 
 
-# 1. divergence
-#    ----------------------------------------------------------------------------------------------------
+# 1. divergence ----------------------------------------------------------------------------------------------
 
 def test_diverging_finetune_stops_with_one_line_and_writes_nothing(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -75,8 +73,7 @@ def test_a_nan_checkpoint_is_refused(tiny, tmp_path):
     assert "non-finite" in one_line(e) and "fc.weight" in str(e.value.code)
 
 
-# 2. sizes and numbers
-#    ---------------------------------------------------------------------------------------------
+# 2. sizes and numbers ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, says", [
     (["--val_per_class", "-5"], "--val_per_class"), (["--val_per_class", "0"], "--val_per_class"),
@@ -113,8 +110,7 @@ def test_train_epochs_0_and_a_bad_lr_are_errors():
         assert e.value.code == 2  # argparse's error: one usage line and the message
 
 
-# 3. strict JSON and the table
-#    -------------------------------------------------------------------------------------
+# 3. strict JSON and the table -------------------------------------------------------------------------------
 
 def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
     assert C.tidy({"a": math.nan, "b": [1.0, math.inf], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
@@ -127,8 +123,7 @@ def test_results_are_strict_json_and_a_bad_file_is_named_not_fatal(tmp_path):
     assert (tmp_path / "table.md").exists()
 
 
-# 4. caches
-#    --------------------------------------------------------------------------------------------------------
+# 4. caches --------------------------------------------------------------------------------------------------
 
 def test_a_corrupted_pool_cache_is_rebuilt(tmp_path, capsys):
     x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
@@ -159,8 +154,7 @@ def test_cifar_cache_follows_the_content_not_the_file_times(tmp_path):
     assert torch.equal(b["test"][1], 9 - a["test"][1])
 
 
-# 5. late failures, resume
-#    -----------------------------------------------------------------------------------------
+# 5. late failures, resume -----------------------------------------------------------------------------------
 
 def test_an_unwritable_output_fails_before_the_compute(tiny, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
@@ -177,8 +171,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     # the real ResNet-26 here (subprocesses cannot see this module's narrow one); one thread everywhere
     write_cifar(tmp_path, train_sizes=(64,), test_size=20)
     argv = ["--data_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--epochs", "8",
-            "--batch_size",
-            "16", "--device", "cpu", "--milestones", "3,6"]
+            "--batch_size", "16", "--device", "cpu", "--milestones", "3,6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, cut = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
     with pytest.MonkeyPatch.context() as mp:  # the uninterrupted run, in this process
@@ -202,8 +195,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert not os.path.exists(cut + ".state")
 
 
-# 6. one line instead of a traceback
-#    -------------------------------------------------------------------------------
+# 6. one line instead of a traceback -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "shape", "labels"])
 def test_broken_cifar_files_are_one_line(tmp_path, damage):
@@ -243,8 +235,7 @@ def test_checkpoint_errors_say_what_is_wrong(tiny, tmp_path):
     assert "folder" in one_line(e)
 
 
-# 8. a quick run never stands in for a protocol run; 9. orphan temp files
-#    --------------------------------------------
+# 8. a quick run never stands in for a protocol run; 9. orphan temp files ------------------------------------
 
 def test_quick_runs_get_their_own_file_name():
     full, quick = P.parse_args([]), P.parse_args(["--epochs", "1"])

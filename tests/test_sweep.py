@@ -1,7 +1,7 @@
-"""sweep.sh end to end on tiny generated data: the run list, a real SIGKILL of the whole sweep mid-way, the re-run
-that finishes only the missing runs, and the table at the end. Each run is a real finetune.py process (~5 s on a
-busy CPU, mostly imports), so that grid is three runs. Then JOBS over (fake) GPUs and a failing run, with a stand-in
-for finetune.py."""
+"""sweep.sh end to end on tiny generated data: the run list, a real SIGKILL of the whole sweep mid-way, the
+re-run that finishes only the missing runs, and the table at the end. Each run is a real finetune.py process
+(~5 s on a busy CPU, mostly imports), so that grid is three runs. Then JOBS over (fake) GPUs and a failing
+run, with a stand-in for finetune.py."""
 import os
 import re
 import signal
@@ -21,28 +21,30 @@ RUNS = ["cifar_c-gaussian_noise-none-s0", "cifar_c-gaussian_noise-fc-s0", "cifar
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Knobs for a 3-run grid on a tiny CIFAR folder (4 test images a class: 2 train, 1 val, 1 test) and a tiny
-    checkpoint from train.main (1 epoch on 20 images)."""
+    """Knobs for a 3-run grid on a tiny CIFAR folder (4 test images a class: 2 train, 1 val, 1 test) and a
+    tiny checkpoint from train.main (1 epoch on 20 images)."""
     root = tmp_path_factory.mktemp("sweep")
     write_cifar(root, train_sizes=(20,), test_size=40)
     train.main(["--data_dir", str(root), "--cache_dir", str(root / "cache"), "--epochs", "1", "--limit", "20",
                 "--device", "cpu", "--out", str(root / "src.pt")])
     return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
             "DATA_DIR": str(root), "CACHE": str(root / "cache"), "CKPT": str(root / "src.pt"),
-            "RESULTS": str(root / "results"), "SEEDS": "0", "CORRUPTIONS": "gaussian_noise", "DATASETS": "cifar_c",
-            "METHODS": "none fc all", "DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SMALL": "0",
-            "EXTRA": "--epochs 1 --train_n 20 --val_per_class 1 --test_per_class 1 --batch_size 16 --lrs 1e-2"}
+            "RESULTS": str(root / "results"), "SEEDS": "0", "CORRUPTIONS": "gaussian_noise",
+            "DATASETS": "cifar_c", "METHODS": "none fc all", "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+            "SMALL": "0", "EXTRA": ("--epochs 1 --train_n 20 --val_per_class 1 --test_per_class 1 "
+                                    "--batch_size 16 --lrs 1e-2")}
 
 
 def sweep(env, *args, jobs=1):
-    return subprocess.run(["bash", "sweep.sh", *args], cwd=REPO, env={**env, "JOBS": str(jobs)}, capture_output=True,
-                          text=True)
+    return subprocess.run(["bash", "sweep.sh", *args], cwd=REPO, env={**env, "JOBS": str(jobs)},
+                          capture_output=True, text=True)
 
 
 def results(env):
     folder = env["RESULTS"]
-    return {f: os.stat(os.path.join(folder, f)) for f in os.listdir(folder) if ".json" in f} if os.path.isdir(
-        folder) else {}
+    if not os.path.isdir(folder):
+        return {}
+    return {f: os.stat(os.path.join(folder, f)) for f in os.listdir(folder) if ".json" in f}
 
 
 def test_list_kill_resume_table(env, tmp_path):
@@ -58,7 +60,8 @@ def test_list_kill_resume_table(env, tmp_path):
         p = subprocess.Popen(["bash", "sweep.sh"], cwd=REPO, env={**env, "JOBS": "1"}, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
-        while not any(f.endswith(".json") for f in results(env)) and p.poll() is None and time.time() - t0 < 60:
+        while (not any(f.endswith(".json") for f in results(env)) and p.poll() is None
+               and time.time() - t0 < 60):
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
@@ -86,12 +89,14 @@ def test_list_kill_resume_table(env, tmp_path):
     for row in ("No Adaptation", "Cross-Val", "Full Fine-Tuning", "L1 Regularize", "Auto-SNR", "Auto-RGN"):
         assert f"| {row} | " in md
     assert "| CIFAR-C | IN-C |" in md and "no data" in md and "Cross-Val picked fc x1" in md
-    assert sorted(map(untag, os.listdir(os.path.join(env["RESULTS"], "logs")))) == sorted(r + ".log" for r in RUNS)
+    logs = os.listdir(os.path.join(env["RESULTS"], "logs"))
+    assert sorted(map(untag, logs)) == sorted(r + ".log" for r in RUNS)
 
     assert sweep(env, "--list").stdout == ""  # all done: nothing left to run
 
 
-FAKE_FT = '''"""Stands in for finetune.py (no torch): logs its GPU and times, sleeps, writes a result; layer2 fails."""
+FAKE_FT = '''"""Stands in for finetune.py (no torch): logs its GPU and times, sleeps, writes a result;
+layer2 fails."""
 import argparse, json, os, sys, time
 p = argparse.ArgumentParser()
 for flag in ("--data", "--corruption", "--tune", "--seed", "--out_dir"):
@@ -104,8 +109,8 @@ with open(os.environ["FAKE_LOG"], "a") as f:
 if a.tune == "layer2":
     sys.exit("boom")
 with open(os.path.join(a.out_dir, f"{a.data}-{a.corruption}-{a.tune}-s{a.seed}.json"), "w") as f:
-    json.dump({"data": a.data, "corruption": a.corruption, "tune": a.tune, "seed": int(a.seed), "test_acc": 50.0,
-               "val_acc": 50.0}, f)
+    json.dump({"data": a.data, "corruption": a.corruption, "tune": a.tune, "seed": int(a.seed),
+               "test_acc": 50.0, "val_acc": 50.0}, f)
 '''
 
 
@@ -116,7 +121,8 @@ def fake_env(tmp_path):
     bin_.mkdir()
     (tmp_path / "fake_ft.py").write_text(FAKE_FT)
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
-    (bin_ / "python").write_text(f'#!/usr/bin/env bash\nif [[ $1 == */finetune.py && $2 != --result_paths ]]; then '
+    (bin_ / "python").write_text('#!/usr/bin/env bash\n'
+                                 'if [[ $1 == */finetune.py && $2 != --result_paths ]]; then '
                                  f'shift; exec {sys.executable} {tmp_path / "fake_ft.py"} "$@"; fi\n'
                                  f'exec {sys.executable} "$@"\n')
     for f in bin_.iterdir():
@@ -124,14 +130,15 @@ def fake_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "runs.log"), SMALL="0",
                CKPT="paper", RESULTS=str(tmp_path / "results"), SEEDS="0", DATASETS="cifar_c",
-               CORRUPTIONS="gaussian_noise", METHODS="none layer1 layer2 layer3 fc all l1 auto_snr", DEVICE="auto",
-               EXTRA="", JOBS="4")
+               CORRUPTIONS="gaussian_noise", METHODS="none layer1 layer2 layer3 fc all l1 auto_snr",
+               DEVICE="auto", EXTRA="", JOBS="4")
     return env
 
 
 def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
-    # A fake nvidia-smi with two GPUs and a python that runs a stand-in for finetune.py: JOBS=4 worker slots must
-    # map to GPUs 0,1,0,1, so no GPU ever has more than two runs at once; a failed run is reported and the rest go on.
+    # A fake nvidia-smi with two GPUs and a python that runs a stand-in for finetune.py: JOBS=4 worker slots
+    # must map to GPUs 0,1,0,1, so no GPU ever has more than two runs at once; a failed run is reported and
+    # the rest go on.
     env = fake_env(tmp_path)
     r = subprocess.run(["bash", "sweep.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "SOME FAILED" in r.stdout and "| Full Fine-Tuning | 50.0 (-) |" in r.stdout
@@ -145,21 +152,23 @@ def test_jobs_spread_over_gpus_and_failures_are_reported(tmp_path):
 
 
 def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
-    """A Waterbirds folder present, CelebA and ImageNet-C absent: waterbirds runs (with layer4, ResNet-50's fourth
-    block, and its own source checkpoint) are listed, the others say "no data"."""
+    """A Waterbirds folder present, CelebA and ImageNet-C absent: waterbirds runs (with layer4, ResNet-50's
+    fourth block, and its own source checkpoint) are listed, the others say "no data"."""
     from fakefolders import make_waterbirds
     make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
     fam = {**env, "DATASETS": "cifar_c waterbirds celeba imagenet_c", "WATERBIRDS_DIR": str(tmp_path / "wb"),
            "CELEBA_DIR": str(tmp_path / "none"), "IMAGENET_C_DIR": str(tmp_path / "none"),
-           "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1", "RESULTS": str(tmp_path / "r")}
+           "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1",
+           "RESULTS": str(tmp_path / "r")}
     listed = sweep(fam, "--list")
     assert listed.returncode == 0, listed.stderr
     names = [untag(os.path.basename(ln.split("\t")[0])) for ln in listed.stdout.splitlines()]
-    assert names == [f"{d}-{t}-s{s}.json" for s in (0, 1) for d, ts in (("cifar_c-gaussian_noise", ("layer3", "fc")),
-                     ("waterbirds-clean", ("layer3", "layer4", "fc"))) for t in ts]
+    grid = (("cifar_c-gaussian_noise", ("layer3", "fc")), ("waterbirds-clean", ("layer3", "layer4", "fc")))
+    assert names == [f"{d}-{t}-s{s}.json" for s in (0, 1) for d, ts in grid for t in ts]
     wb = [ln for ln in listed.stdout.splitlines() if "waterbirds-clean-fc-s0" in ln][0]
     assert f"--data waterbirds --tune fc --seed 0 --ckpt {tmp_path / 'ck' / 'waterbirds.pt'}" in wb
-    # one folder flag per dataset: --data_dir (BREEDS adds --breeds_dir); the per-dataset folder flags are gone
+    # one folder flag per dataset: --data_dir (BREEDS adds --breeds_dir);
+    # the per-dataset folder flags are gone
     assert f"--data_dir {tmp_path / 'wb'} " in wb and f"--data_dir {env['DATA_DIR']} " in listed.stdout
     assert not re.search(r"--(waterbirds|celeba|imagenet|imagenet_c|breeds)_dir", listed.stdout)
     assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
@@ -176,15 +185,18 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
 def test_objective_memo_lists_its_own_files(env):
     # OBJECTIVE=memo: result names end in -memo, a comma-free block list (layer1+layer2) is one tune, and the
     # supervised results of the same grid do not count as done
-    listed = sweep({**env, "OBJECTIVE": "memo", "METHODS": "none layer1+layer2"}, "--list").stdout.splitlines()
+    knobs = {**env, "OBJECTIVE": "memo", "METHODS": "none layer1+layer2"}
+    listed = sweep(knobs, "--list").stdout.splitlines()
     outs = [untag(os.path.basename(line.split("\t")[0])) for line in listed]
-    assert outs == ["cifar_c-gaussian_noise-none-s0-memo.json", "cifar_c-gaussian_noise-layer1+layer2-s0-memo.json"]
+    assert outs == ["cifar_c-gaussian_noise-none-s0-memo.json",
+                    "cifar_c-gaussian_noise-layer1+layer2-s0-memo.json"]
     assert all("--objective memo" in line for line in listed)
 
 
 def test_two_sweeps_on_one_folder_never_run_a_run_twice(tmp_path):
-    # kill -9 the first sweep's shell only: its xargs and the run in flight live on, holding that run's lock. A
-    # second sweep started at once skips the run in flight and shares the rest with the orphans: each run once.
+    # kill -9 the first sweep's shell only: its xargs and the run in flight live on, holding that run's lock.
+    # A second sweep started at once skips the run in flight and shares the rest with the orphans:
+    # each run once.
     env = {**fake_env(tmp_path), "FAKE_SLEEP": "1", "JOBS": "1", "METHODS": "none fc all"}
     p = subprocess.Popen(["bash", "sweep.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -215,7 +227,8 @@ def test_bad_knobs_are_one_line_and_queue_nothing(tmp_path, knob, value, says):
 
 
 FAKE_SBATCH = '''#!/usr/bin/env python3
-"""Stands in for sbatch: records its arguments, answers a job id; an array job's tasks run here, one by one."""
+"""Stands in for sbatch: records its arguments, answers a job id;
+an array job's tasks run here, one by one."""
 import os, subprocess, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_SBATCH_LOG"], "a") as f:
@@ -231,9 +244,9 @@ print(42)
 
 
 def test_slurm_submit_trains_sources_first_then_runs_the_pending_list_as_an_array(tmp_path):
-    # slurm/submit.sh with a stand-in sbatch, run from another folder so that the Waterbirds source (ckpt/<data>.pt,
-    # relative) is missing: it is one job, trained with --data_dir <its folder>; the array of ceil(4 runs /
-    # PER_TASK 3) = 2 tasks waits for it, and every task runs its slice through sweep.sh --one
+    # slurm/submit.sh with a stand-in sbatch, run from another folder so that the Waterbirds source
+    # (ckpt/<data>.pt, relative) is missing: it is one job, trained with --data_dir <its folder>; the array of
+    # ceil(4 runs / PER_TASK 3) = 2 tasks waits for it, and every task runs its slice through sweep.sh --one
     from fakefolders import make_waterbirds
     make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
     env = fake_env(tmp_path)
@@ -245,7 +258,8 @@ def test_slurm_submit_trains_sources_first_then_runs_the_pending_list_as_an_arra
     r = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "4 runs submitted, after 1 source-model job" in r.stdout, r.stdout + r.stderr
     source, array = (tmp_path / "sbatch.log").read_text().splitlines()
-    assert f"train.py --data waterbirds --out ckpt/waterbirds.pt --data_dir {tmp_path / 'wb'} --cache_dir" in source
+    assert (f"train.py --data waterbirds --out ckpt/waterbirds.pt --data_dir {tmp_path / 'wb'} "
+            "--cache_dir") in source
     assert array.startswith("--dependency=afterok:41 --kill-on-invalid-dep=yes --array=1-2%5 ")
     lists = list((tmp_path / "results").glob("slurm-runs-*.txt"))
     assert len(lists) == 1 and len(lists[0].read_text().splitlines()) == 4

@@ -11,7 +11,6 @@ import train
 from tinydata import write_cifar
 
 
-
 def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):
     write_cifar(tmp_path, train_sizes=(40, 40), test_size=30)
     out = tmp_path / "ck" / "src.pt"

@@ -6,7 +6,6 @@ import re
 import numpy as np
 
 
-
 def make_images(n, seed=0, num_classes=10):
     """(n,3,32,32) uint8 images whose class shows as a colour bias, so a net can learn it; labels cycle
     classes."""
