@@ -92,7 +92,6 @@ def test_list_kill_resume_table(env, tmp_path):
     logs = os.listdir(os.path.join(env["RESULTS"], "logs"))
     assert sorted(map(untag, logs)) == sorted(r + ".log" for r in RUNS)
 
-    assert sweep(env, "--list").stdout == ""  # all done: nothing left to run
 
 
 FAKE_FT = '''"""Stands in for finetune.py (no torch): logs its GPU and times, sleeps, writes a result;
@@ -252,7 +251,8 @@ def test_slurm_submit_trains_sources_first_then_runs_the_pending_list_as_an_arra
     env = fake_env(tmp_path)
     (tmp_path / "bin" / "sbatch").write_text(FAKE_SBATCH)
     (tmp_path / "bin" / "sbatch").chmod(0o755)
-    env.update(FAKE_SBATCH_LOG=str(tmp_path / "sbatch.log"), DATASETS="cifar_c waterbirds", METHODS="none fc",
+    env.update(FAKE_SBATCH_LOG=str(tmp_path / "sbatch.log"), FAKE_SLEEP="0.05", DATASETS="cifar_c waterbirds",
+               METHODS="none fc",
                WATERBIRDS_DIR=str(tmp_path / "wb"), PER_TASK="3", JOBS="5")
     submit = ["bash", os.path.join(REPO, "slurm", "submit.sh")]
     r = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True)
