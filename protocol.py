@@ -131,7 +131,7 @@ def parse_args(argv=None):
 
 
 def check(args):
-    """One line and exit 2 for a flag that would give an empty or overlapping split, a rate that is not a
+    """One line and exit 1 for a flag that would give an empty or overlapping split, a rate that is not a
     finite positive number, an unknown corruption or a --tune that matches nothing."""
     try:
         lrs, lambdas = ([float(v) for v in s.split(",") if v] for s in (args.lrs, args.l1_lambdas))
