@@ -112,8 +112,8 @@ def batches(x, y, batch_size, shuffle=False, augment=False, generator=None, drop
 
 ALL19 = tuple(sorted(CORRUPTIONS))
 # the paper's 14 (its Table 1 CIFAR-C column): the 19 without the five it does not list
-PAPER14 = tuple(n for n in ALL19 if n not in ("brightness", "contrast", "defocus_blur", "elastic_transform",
-                                              "fog"))
+NOT_IN_PAPER = ("brightness", "contrast", "defocus_blur", "elastic_transform", "fog")
+PAPER14 = tuple(n for n in ALL19 if n not in NOT_IN_PAPER)
 # the 15 of Hendrycks & Dietterich (2019), the unsupervised table's (PROTOCOL section 9)
 STANDARD15 = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
