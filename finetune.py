@@ -116,7 +116,7 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batch order for every lr and method
     # the methods' probe batches: a stream of their own
     gm = torch.Generator(device=dev).manual_seed(args.seed + 1)
-    params = M.freeze_except(model, names)
+    params, tuned = M.freeze_except(model, names), set(names)
     src = [p.detach().clone() for p in params] if l1_lambda else None
     hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [epoch0]}
     if args.tune == "auto_rgn":  # the per-block mean rate multiplier, each epoch
@@ -153,7 +153,7 @@ def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, 
         hist["epochs"].append(epoch_entry(epoch, tot / len(xtr), v, t, t0))
         if v["acc"] > best_val:  # strictly better: ties keep the earlier epoch, as select() does
             best_val = v["acc"]
-            best = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(names)}
+            best = {n: p.detach().clone() for n, p in model.named_parameters() if n in tuned}
         if "rgn" in hist:
             hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
     return hist, best
