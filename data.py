@@ -248,7 +248,6 @@ def shifted_pool(pool, shift, severity=5, seed=0, cache_dir=None, device="cpu", 
     return xc, y
 
 
-
 def cifar_targets(args, corruptions, holdout, dev):
     """Yields (corruption, {"train"|"val"|"test": (x, y)} on dev, the clean test split on dev) for
     finetune.py, printing the data protocol first (PROTOCOL section 4)."""

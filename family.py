@@ -276,7 +276,6 @@ def group_files(name, root):
     return out
 
 
-
 def _check_family(name, root):
     if name not in FAMILY:
         raise SystemExit(f"error: unknown dataset {name!r}; valid: {', '.join(FAMILY)}")
@@ -346,8 +345,6 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
            for s, (p, y, idx) in split.items()}
     return {**out, "groups": groups, "source_test": source_test, "num_classes": k,
             "counts": {s: len(v[1]) for s, v in out.items()}}
-
-
 
 
 def family_targets(args, corruptions, num_classes, dev):

@@ -141,7 +141,6 @@ def summarize(res):
     return out
 
 
-
 def fmt(c, sign=False):
     if c is None:
         return "-"

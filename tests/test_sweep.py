@@ -93,7 +93,6 @@ def test_list_kill_resume_table(env, tmp_path):
     assert sorted(map(untag, logs)) == sorted(r + ".log" for r in RUNS)
 
 
-
 FAKE_FT = '''"""Stands in for finetune.py (no torch): logs its GPU and times, sleeps, writes a result;
 layer2 fails."""
 import argparse, json, os, sys, time
