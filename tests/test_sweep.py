@@ -44,7 +44,13 @@ def results(env):
     folder = env["RESULTS"]
     if not os.path.isdir(folder):
         return {}
-    return {f: os.stat(os.path.join(folder, f)) for f in os.listdir(folder) if ".json" in f}
+    out = {}
+    for f in os.listdir(folder):
+        try:  # a temp file may be renamed into its result between the listing and the stat
+            out[f] = os.stat(os.path.join(folder, f))
+        except FileNotFoundError:
+            continue
+    return {f: st for f, st in out.items() if ".json" in f}
 
 
 def test_list_kill_resume_table(env, tmp_path):
@@ -154,30 +160,33 @@ def test_family_columns_run_when_their_folder_is_there(env, tmp_path):
     fourth block, and its own source checkpoint) are listed, the others say "no data"."""
     from fakefolders import make_waterbirds
     make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
-    fam = {**env, "DATASETS": "cifar_c waterbirds celeba imagenet_c", "WATERBIRDS_DIR": str(tmp_path / "wb"),
-           "CELEBA_DIR": str(tmp_path / "none"), "IMAGENET_C_DIR": str(tmp_path / "none"),
+    # Living-17 too: the ImageNet folder as --data_dir, plus --breeds_dir (--list only checks they are there)
+    (tmp_path / "in" / "train").mkdir(parents=True)
+    (tmp_path / "br").mkdir()
+    (tmp_path / "br" / "class_hierarchy.txt").touch()
+    fam = {**env, "DATASETS": "cifar_c waterbirds celeba imagenet_c living17",
+           "WATERBIRDS_DIR": str(tmp_path / "wb"), "CELEBA_DIR": str(tmp_path / "none"),
+           "IMAGENET_C_DIR": str(tmp_path / "none"),
+           "IMAGENET_DIR": str(tmp_path / "in"), "BREEDS_DIR": str(tmp_path / "br"),
            "FAMILY_CKPT": str(tmp_path / "ck"), "METHODS": "layer3 fc", "SEEDS": "0 1",
            "RESULTS": str(tmp_path / "r")}
     listed = sweep(fam, "--list")
     assert listed.returncode == 0, listed.stderr
-    names = [untag(os.path.basename(ln.split("\t")[0])) for ln in listed.stdout.splitlines()]
-    grid = (("cifar_c-gaussian_noise", ("layer3", "fc")), ("waterbirds-clean", ("layer3", "layer4", "fc")))
+    lines = listed.stdout.splitlines()
+    names = [untag(os.path.basename(ln.split("\t")[0])) for ln in lines]
+    grid = (("cifar_c-gaussian_noise", ("layer3", "fc")), ("waterbirds-clean", ("layer3", "layer4", "fc")),
+            ("living17-clean", ("layer3", "layer4", "fc")))
     assert names == [f"{d}-{t}-s{s}.json" for s in (0, 1) for d, ts in grid for t in ts]
-    wb = [ln for ln in listed.stdout.splitlines() if "waterbirds-clean-fc-s0" in ln][0]
+    wb = [ln for ln in lines if "waterbirds-clean-fc-s0" in ln][0]
     assert f"--data waterbirds --tune fc --seed 0 --ckpt {tmp_path / 'ck' / 'waterbirds.pt'}" in wb
-    # one folder flag per dataset: --data_dir (BREEDS adds --breeds_dir);
-    # the per-dataset folder flags are gone
+    # one folder flag per dataset, --data_dir (BREEDS adds --breeds_dir); the old per-dataset flags are gone
     assert f"--data_dir {tmp_path / 'wb'} " in wb and f"--data_dir {env['DATA_DIR']} " in listed.stdout
-    assert not re.search(r"--(waterbirds|celeba|imagenet|imagenet_c|breeds)_dir", listed.stdout)
-    assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
-    # Living-17: the ImageNet folder as --data_dir, and --breeds_dir (--list only checks that they are there)
-    (tmp_path / "in" / "train").mkdir(parents=True)
-    (tmp_path / "br").mkdir()
-    (tmp_path / "br" / "class_hierarchy.txt").touch()
-    breeds = sweep({**fam, "DATASETS": "living17", "IMAGENET_DIR": str(tmp_path / "in"),
-                    "BREEDS_DIR": str(tmp_path / "br")}, "--list").stdout.splitlines()
+    assert not re.search(r"--(waterbirds|celeba|imagenet|imagenet_c)_dir", listed.stdout)
+    breeds = [ln for ln in lines if "--breeds_dir" in ln]
     assert len(breeds) == 6 and all(f"--data_dir {tmp_path / 'in'} --breeds_dir {tmp_path / 'br'} " in ln
-                                    for ln in breeds)
+                                    for ln in breeds if "living17-clean" in ln)
+    assert all("living17-clean" in ln for ln in breeds)
+    assert listed.stderr.count("no data: celeba") == 1 and "no data: imagenet_c" in listed.stderr
 
 
 def test_objective_memo_lists_its_own_files(env):
