@@ -1,6 +1,7 @@
 """
-What train.py, finetune.py and the rest share: the device and its precision, evaluation, and writing files so
-that a kill at any moment or a diverged run never leaves a broken or wrong file behind.
+What train.py, finetune.py and the rest share: --help's format, the device and its precision, evaluation, the
+frozen-prefix cache, and writing files so that a kill at any moment or a diverged run never leaves a broken or
+wrong file behind.
 """
 import argparse
 import glob
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from model import first_stage
 
+
 class Help(argparse.RawDescriptionHelpFormatter):
     """--help in about 70 lines: short metavars, the default after each help where it is one value."""
 
@@ -24,8 +26,7 @@ class Help(argparse.RawDescriptionHelpFormatter):
     def _get_default_metavar_for_optional(self, action):
         return "DIR" if action.dest.endswith("dir") else {int: "N", float: "X"}.get(action.type, "S")
 
-    # the default, where it is one value (per-data defaults say so themselves)
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # the default where it is one value (per-data ones say so themselves)
         h = action.help or ""
         plain = action.default in (None, False, "", argparse.SUPPRESS) or "default" in h
         return h if plain else h + " (default: %(default)s)"
