@@ -204,7 +204,7 @@ def test_two_sweeps_on_one_folder_never_run_a_run_twice(tmp_path):
     # kill -9 the first sweep's shell only: its xargs and the run in flight live on, holding that run's lock.
     # A second sweep started at once skips the run in flight and shares the rest with the orphans:
     # each run once.
-    env = {**fake_env(tmp_path), "FAKE_SLEEP": "1", "JOBS": "1", "METHODS": "none fc all"}
+    env = {**fake_env(tmp_path), "FAKE_SLEEP": "0.5", "JOBS": "1", "METHODS": "none fc all"}
     p = subprocess.Popen(["bash", "sweep.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     logs, t0 = tmp_path / "results" / "logs", time.time()
@@ -217,7 +217,7 @@ def test_two_sweeps_on_one_folder_never_run_a_run_twice(tmp_path):
     t0 = time.time()
     while len(list((tmp_path / "results").glob("*.json"))) < 3 and time.time() - t0 < 30:  # the orphans' part
         time.sleep(0.1)
-    time.sleep(1.5)  # anything still to start would have by now
+    time.sleep(1.0)  # anything still to start would have by now (a run takes 0.5 s)
     runs = (tmp_path / "runs.log").read_text().splitlines()
     assert len(runs) == 3 and len(list((tmp_path / "results").glob("*.json"))) == 3  # every run exactly once
     assert [d.name for d in (tmp_path / "results").glob(".sweep-*")] == []  # each sweep's lists are gone
