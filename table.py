@@ -241,11 +241,12 @@ def versus_paper(s, res):
                          f"each); the paper: {want}, above every other block and full fine-tuning -> "
                          f"{'holds' if best == want else 'fails'}")
     for c in cols:
-        m, n = paired(res, COLUMNS[c], ("auto_rgn", "all"))
-        if len(m) == 2:
-            lines.append(f"- {c}: Auto-RGN {m['auto_rgn']:.1f} vs full fine-tuning {m['all']:.1f} ({n} runs "
-                         "each); the paper: at or above -> "
-                         f"{'holds' if round(m['auto_rgn'], 1) >= round(m['all'], 1) else 'fails'}")
+        lines += against_all(res, c, "", "auto_rgn")
+    for c in cols:  # both claims again under each protocol variation that was run, e.g. "[lrs=...]"
+        d = COLUMNS[c]
+        for tag in sorted({k[2][k[2].index("["):] for k in res if k[0] == d and "[" in k[2]}):
+            lines += against_all(res, c, tag, "layer1" if c == "CIFAR-C" else "fc")
+            lines += against_all(res, c, tag, "auto_rgn")
     m, n = paired(res, "cifar_c/memo", ("layer1", "all", "none", "fc"))
     if len(m) == 4:
         order = m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
@@ -253,6 +254,19 @@ def versus_paper(s, res):
                      f"{m['fc']:.1f} ({n} corruptions); the paper: layer1 > all > none ~ fc (75.4 / 69.7 / "
                      f"67.8 / 67.8) -> {'holds' if order else 'fails'}")
     return lines
+
+
+def against_all(res, column, tag, tune):
+    """A claim line: tune (a paper's best block, above full fine-tuning; or Auto-RGN, at or above it) against
+    all, both with tag (a variation: "[lrs=...]"), on the runs both have; [] when either has none."""
+    a, b = tune + tag, "all" + tag
+    m, n = paired(res, COLUMNS[column], (a, b))
+    if len(m) < 2:
+        return []
+    name, want = ("Auto-RGN", "at or above") if tune == "auto_rgn" else (f"{tune} (the paper's best)", "above")
+    ok = round(m[a], 1) >= round(m[b], 1) if tune == "auto_rgn" else round(m[a], 1) > round(m[b], 1)
+    return [f"- {column}{tag}: {name} {m[a]:.1f} vs full fine-tuning {m[b]:.1f} ({n} runs each); the paper: "
+            f"{want} -> {'holds' if ok else 'fails'}"]
 
 
 def paired(res, data, tunes):
