@@ -263,8 +263,9 @@ def against_all(res, column, tag, tune):
     m, n = paired(res, COLUMNS[column], (a, b))
     if len(m) < 2:
         return []
-    name, want = ("Auto-RGN", "at or above") if tune == "auto_rgn" else (f"{tune} (the paper's best)", "above")
-    ok = round(m[a], 1) >= round(m[b], 1) if tune == "auto_rgn" else round(m[a], 1) > round(m[b], 1)
+    rgn = tune == "auto_rgn"
+    name, want = ("Auto-RGN", "at or above") if rgn else (f"{tune} (the paper's best)", "above")
+    ok = round(m[a], 1) >= round(m[b], 1) if rgn else round(m[a], 1) > round(m[b], 1)
     return [f"- {column}{tag}: {name} {m[a]:.1f} vs full fine-tuning {m[b]:.1f} ({n} runs each); the paper: "
             f"{want} -> {'holds' if ok else 'fails'}"]
 

@@ -169,8 +169,8 @@ def test_claims_are_checked_again_under_each_variation(cifar):
     var("snow", "auto_rgn", 1, 99.0, {"split_seed": 1})  # all lacks snow here: not paired, left out
     md = table.main(["--results", str(cifar)])
     # under the grid: layer1 74.5 vs all 75.0 fails; Auto-RGN 74.5 vs 75.0 fails; split 1: 60.0 vs 60.0 holds
-    assert ("- CIFAR-C[lrs=1e-1,1e-3]: layer1 (the paper's best) 74.5 vs full fine-tuning 75.0 (2 runs each); "
-            "the paper: above -> fails") in md
+    assert ("- CIFAR-C[lrs=1e-1,1e-3]: layer1 (the paper's best) 74.5 vs full fine-tuning 75.0 (2 runs "
+            "each); the paper: above -> fails") in md
     assert "- CIFAR-C[lrs=1e-1,1e-3]: Auto-RGN 74.5 vs full fine-tuning 75.0 (2 runs each)" in md
     assert ("- CIFAR-C[split_seed=1]: Auto-RGN 60.0 vs full fine-tuning 60.0 (1 runs each); the paper: at or "
             "above -> holds") in md
