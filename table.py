@@ -172,8 +172,9 @@ def render(res, notes, folder):
                      "groups.")
     for key in SAME:  # results of different protocols in one column would be averaged together: say so
         for col, data in COLUMNS.items():
-            seen = sorted({repr(r.get("args", {}).get(key)) for k, r in res.items()
-                           if k[0] == data and r["main_settings"]})  # other settings: rows of their own
+            # other settings: rows of their own; "" or None (older results): the --data default
+            seen = sorted({repr(v) for k, r in res.items() if k[0] == data and r["main_settings"]
+                           and (v := r.get("args", {}).get(key)) not in ("", None)})
             if len(seen) > 1:
                 notes.append(f"{col} results differ in {key}: {', '.join(seen)}")
     lines += [f"- warning: {n}" for n in notes]

@@ -177,3 +177,13 @@ def test_claims_are_checked_again_under_each_variation(cifar):
     assert "CIFAR-C[split_seed=1]: layer1" not in md  # no layer1 run under that split
     # the protocol runs' own claims are unchanged by the variations beside them
     assert "- CIFAR-C: best layer2" in md and "- CIFAR-F: Auto-RGN 87.7 vs full fine-tuning 85.9" in md
+
+
+def test_an_unset_flag_recorded_by_older_results_is_no_difference(tmp_path):
+    d = str(tmp_path)  # "" was how results once recorded the --data default that newer ones write out
+    put(d, "cifar_c", "frost", "all", 0, 70.0, lrs="", wd=1e-4)
+    put(d, "cifar_c", "snow", "all", 0, 72.0, lrs="1e-3,1e-4,1e-5", wd=1e-4)
+    put(d, "cifar_c", "fog", "all", 0, 74.0, lrs="1e-3,1e-4,1e-5", wd=0.0)
+    md = table.main(["--results", d])
+    assert "differ in lrs" not in md
+    assert "CIFAR-C results differ in wd: 0.0, 0.0001" in md  # a real difference is still named
