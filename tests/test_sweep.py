@@ -233,8 +233,7 @@ def test_bad_knobs_are_one_line_and_queue_nothing(tmp_path, knob, value, says):
     assert not (tmp_path / "runs.log").exists()
 
 
-FAKE_SBATCH = '''#!/usr/bin/env python3
-"""Stands in for sbatch: records its arguments, answers a job id;
+FAKE_SBATCH = '''"""Stands in for sbatch: records its arguments, answers a job id;
 an array job's tasks run here, one by one."""
 import os, subprocess, sys
 args = sys.argv[1:]
@@ -257,7 +256,8 @@ def test_slurm_submit_trains_sources_first_then_runs_the_pending_list_as_an_arra
     from fakefolders import make_waterbirds
     make_waterbirds(str(tmp_path / "wb"), {"train": (1, 1, 1, 1), "val": (1, 1, 1, 1), "test": (1, 1, 1, 1)})
     env = fake_env(tmp_path)
-    (tmp_path / "bin" / "sbatch").write_text(FAKE_SBATCH)
+    # this interpreter, not "env python3": a pyenv shim would put its own python first on the tasks' PATH
+    (tmp_path / "bin" / "sbatch").write_text(f"#!{sys.executable}\n{FAKE_SBATCH}")
     (tmp_path / "bin" / "sbatch").chmod(0o755)
     env.update(FAKE_SBATCH_LOG=str(tmp_path / "sbatch.log"), FAKE_SLEEP="0.05", DATASETS="cifar_c waterbirds",
                METHODS="none fc",
