@@ -99,13 +99,14 @@ def summarize(res):
     """The numbers behind both tables: {"cells": {(row, column): cell}, "fig2": {(block, column): cell},
     "ranks": {row: avg rank or None}, "picks": {column: Counter of Cross-Val's blocks}, "grid": {column:
     (corruptions, seeds)}, "tunes": {column: {tune: cell}} for every tune run}. A column's expected grid is
-    every (corruption, seed) any of its results has."""
+    every (corruption, seed) its results of the main settings have (a variation's runs add none)."""
     out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}}
     for col, data in COLUMNS.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (corruption, tune, seed) -> result
         if not rs:
             continue
-        grid = sorted({(c, s) for c, _, s in rs})
+        grid = sorted({(c, s) for (c, _, s), r in rs.items() if r.get("main_settings", True)}
+                      or {(c, s) for c, _, s in rs})
         out["grid"][col] = (sorted({c for c, _ in grid}), sorted({s for _, s in grid}))
         acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t}
                for t in {k[1] for k in rs}}
