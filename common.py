@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import tempfile
 
 import torch
@@ -170,6 +171,21 @@ def check_writable(path, flag):
         tempfile.TemporaryFile(dir=d).close()
     except OSError as e:
         raise SystemExit(f"error: {flag} {path}: cannot write in {d} ({e.strerror}); choose another place")
+
+
+def code_version(where=os.path.dirname(os.path.abspath(__file__))):
+    """The git commit of the code in `where` ("<sha>-dirty" with uncommitted changes to tracked files), or None
+    outside a git checkout: written into each result, so results from older code can be told apart."""
+    def git(*a):
+        return subprocess.run(["git", "-C", where, *a], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git installed, or it hung
+        return None
 
 
 def atomic_save(obj, path, write=torch.save):

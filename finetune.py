@@ -229,7 +229,8 @@ def run(args, source, target, clean, corruption, acc_before, where=lambda f: "",
            "prefix_stage": k, "history": history, "selected": {k_: v for k_, v in sel.items() if k_ != "run"},
            "test_acc": sel["test_acc"], "val_acc": sel["val_acc"], "test_avg_acc": sel.get("test_avg_acc"),
            "metric": metric, "source_acc": source_acc, "source_acc_before": acc_before, "snr": snr,
-           "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev)}
+           "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev),
+           "code": C.code_version()}
     path = P.result_path(args, corruption)
     res = C.write_json(res, path)  # rounded as written, so the caller sees the file's numbers
     at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names and sel["epoch"] is not None else args.objective

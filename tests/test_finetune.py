@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow Res
 QUIET = dict(log=lambda s: None)
 KEYS = {"objective", "data", "corruption", "severity", "tune", "seed", "args", "trained", "prefix_stage",
         "history", "selected", "test_acc", "val_acc", "source_acc", "source_acc_before", "snr", "seconds",
-        "torch", "device", "metric", "test_avg_acc", "variant", "changed"}
+        "torch", "device", "metric", "test_avg_acc", "variant", "changed", "code"}
 
 
 def tiny_args(*extra):

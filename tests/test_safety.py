@@ -253,3 +253,20 @@ def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
         (tmp_path / f"x.pt.tmp{pid}").write_text("half")
     C.atomic_save({"a": 1}, path)
     assert sorted(os.listdir(tmp_path)) == ["x.pt", f"x.pt.tmp{os.getppid()}"]  # a live writer's stays
+
+
+# 10. each result names the code that made it ----------------------------------------------------------------
+
+def test_code_version_is_the_commit_and_says_dirty(tmp_path):
+    assert C.code_version(str(tmp_path)) is None  # not a git checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    head = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert C.code_version(str(tmp_path)) == head and len(head) == 40
+    (tmp_path / "b.py").write_text("new, untracked\n")  # untracked files (results, caches) are not changes
+    assert C.code_version(str(tmp_path)) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert C.code_version(str(tmp_path)) == head + "-dirty"
