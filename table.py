@@ -241,8 +241,9 @@ def versus_paper(s, res):
             best = max(m, key=m.get)
             lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in m.items())}; {n} runs "
                          f"each); the paper: {want}, above every other block and full fine-tuning -> "
-                         f"{'holds' if best == want else 'fails'}")
-    for c in cols:
+                         + settle(res, COLUMNS[c], tuple(m), lambda m: max(m, key=m.get) == want))
+    for c in cols:  # the best block against all alone too: its pairs are there before the other blocks' are
+        lines += against_all(res, c, "", "layer1" if c == "CIFAR-C" else "fc")
         lines += against_all(res, c, "", "auto_rgn")
     for c in cols:  # both claims again under each protocol variation that was run, e.g. "[lrs=...]"
         d = COLUMNS[c]
@@ -251,10 +252,11 @@ def versus_paper(s, res):
             lines += against_all(res, c, tag, "auto_rgn")
     m, n = paired(res, "cifar_c/memo", ("layer1", "all", "none", "fc"))
     if len(m) == 4:
-        order = m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
+        def order(m):
+            return m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
         lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none {m['none']:.1f}, fc "
                      f"{m['fc']:.1f} ({n} corruptions); the paper: layer1 > all > none ~ fc (75.4 / 69.7 / "
-                     f"67.8 / 67.8) -> {'holds' if order else 'fails'}")
+                     f"67.8 / 67.8) -> " + settle(res, "cifar_c/memo", tuple(m), order))
     return lines
 
 
@@ -267,15 +269,28 @@ def against_all(res, column, tag, tune):
         return []
     rgn = tune == "auto_rgn"
     name, want = ("Auto-RGN", "at or above") if rgn else (f"{tune} (the paper's best)", "above")
-    ok = round(m[a], 1) >= round(m[b], 1) if rgn else round(m[a], 1) > round(m[b], 1)
+    def ok(m):
+        return round(m[a], 1) >= round(m[b], 1) if rgn else round(m[a], 1) > round(m[b], 1)
     return [f"- {column}{tag}: {name} {m[a]:.1f} vs full fine-tuning {m[b]:.1f} ({n} runs each); the paper: "
-            f"{want} -> {'holds' if ok else 'fails'}"]
+            f"{want} -> " + settle(res, COLUMNS[column], (a, b), ok)]
 
 
-def paired(res, data, tunes):
-    """({tune: mean test accuracy}, n) over the (corruption, seed) pairs that every tune present has; tunes
-    with no result are left out."""
-    acc = {t: {(k[1], k[3]): r["test_acc"] for k, r in res.items() if k[0] == data and k[2] == t}
+def settle(res, data, tunes, ok):
+    """A claim's verdict: "holds" or "fails" by ok({tune: mean}) on the runs every tune has; with more than one
+    seed, also the verdict on each seed's own runs, e.g. "holds (seed 0 holds, seed 1 fails)", so a claim
+    that only one seed carries shows it. A seed missing one of the tunes is left out of that list."""
+    m, _ = paired(res, data, tunes)
+    word = {True: "holds", False: "fails"}
+    per = [(s, paired(res, data, tunes, seed=s)[0]) for s in sorted({k[3] for k in res if k[0] == data})]
+    per = [f"seed {s} {word[bool(ok(ms))]}" for s, ms in per if len(ms) == len(m)]
+    return word[bool(ok(m))] + (f" ({', '.join(per)})" if len(per) > 1 else "")
+
+
+def paired(res, data, tunes, seed=None):
+    """({tune: mean test accuracy}, n) over the (corruption, seed) pairs that every tune present has (of one
+    seed, if given); tunes with no result are left out."""
+    acc = {t: {(k[1], k[3]): r["test_acc"] for k, r in res.items()
+               if k[0] == data and k[2] == t and seed in (None, k[3])}
            for t in tunes}
     acc = {t: a for t, a in acc.items() if a}
     common = set.intersection(*(set(a) for a in acc.values())) if acc else set()

@@ -155,6 +155,26 @@ def test_beside_the_paper_verdicts_and_claims(cifar):
     assert "- CIFAR-F: best fc" in md and "- CIFAR-F: Auto-RGN 87.7 vs full fine-tuning 85.9" in md
 
 
+def test_a_claim_says_how_each_seed_decides_it(cifar):
+    for s, (frost, snow) in enumerate(((71.0, 81.0), (70.0, 80.0))):  # all: 75 on seed 0, 76 on seed 1
+        put(str(cifar), "cifar_c", "frost", "auto_rgn", s, frost)
+        put(str(cifar), "cifar_c", "snow", "auto_rgn", s, snow)
+    put(str(cifar), "cifar_c", "frost", "auto_rgn", 2, 90.0)  # seed 2: frost only, against all's 72
+    put(str(cifar), "cifar_flip", "clean", "auto_rgn", 1, 50.0)  # no all on seed 1: no verdict of its own
+    lines = table.main(["--results", str(cifar)]).splitlines()
+    rgn = [ln for ln in lines if ln.startswith("- CIFAR-C: Auto-RGN")]
+    assert rgn == ["- CIFAR-C: Auto-RGN 78.4 vs full fine-tuning 74.8 (5 runs each); the paper: at or above "
+                   "-> holds (seed 0 holds, seed 1 fails, seed 2 holds)"]
+    assert [ln for ln in lines if ln.startswith("- CIFAR-F: Auto-RGN")][0].endswith("(1 runs each); the "
+                                                                                     "paper: at or above -> holds")
+    best = [ln for ln in lines if ln.startswith("- CIFAR-C: best")][0]
+    assert best.startswith("- CIFAR-C: best layer2") and best.endswith(
+        "-> fails (seed 0 fails, seed 1 fails, seed 2 fails)")
+    # layer1 alone against all: per seed 78.5 / 79.0 / 79.5 vs 75 / 76 / 77
+    assert ("- CIFAR-C: layer1 (the paper's best) 79.0 vs full fine-tuning 76.0 (6 runs each); the paper: "
+            "above -> holds (seed 0 holds, seed 1 holds, seed 2 holds)") in lines
+
+
 def test_claims_are_checked_again_under_each_variation(cifar):
     def var(c, t, s, acc, changed):  # a run with non-default settings ("changed"), as finetune.py writes it
         r = {"data": "cifar_c", "corruption": c, "tune": t, "seed": s, "test_acc": acc, "val_acc": 0.0,
