@@ -174,8 +174,8 @@ def check_writable(path, flag):
 
 
 def code_version(where=os.path.dirname(os.path.abspath(__file__))):
-    """The git commit of the code in `where` ("<sha>-dirty" with uncommitted changes to tracked files), or None
-    outside a git checkout: written into each result, so results from older code can be told apart."""
+    """The git commit of the code in `where` ("<sha>-dirty" with uncommitted changes to tracked files), or
+    None outside a git checkout: written into each result, so results from older code can be told apart."""
     def git(*a):
         return subprocess.run(["git", "-C", where, *a], capture_output=True, text=True, timeout=10)
     try:

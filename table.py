@@ -276,9 +276,9 @@ def against_all(res, column, tag, tune):
 
 
 def settle(res, data, tunes, ok):
-    """A claim's verdict: "holds" or "fails" by ok({tune: mean}) on the runs every tune has; with more than one
-    seed, also the verdict on each seed's own runs, e.g. "holds (seed 0 holds, seed 1 fails)", so a claim
-    that only one seed carries shows it. A seed missing one of the tunes is left out of that list."""
+    """A claim's verdict: "holds" or "fails" by ok({tune: mean}) on the runs every tune has; with more than
+    one seed, also the verdict on each seed's own runs, e.g. "holds (seed 0 holds, seed 1 fails)", so a
+    claim that only one seed carries shows it. A seed missing one of the tunes is left out of that list."""
     m, _ = paired(res, data, tunes)
     word = {True: "holds", False: "fails"}
     per = [(s, paired(res, data, tunes, seed=s)[0]) for s in sorted({k[3] for k in res if k[0] == data})]
