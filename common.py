@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import tempfile
 
@@ -54,8 +55,21 @@ def get_device(name="auto", cpu_bf16=False):
     return dev
 
 
-def device_name(dev):
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+def device_name(dev, cpuinfo="/proc/cpuinfo"):
+    """The GPU's name, or "cpu (<model>, <vector unit>[, AMX])": bf16 results differ in the last images
+    between CPUs with and without AMX, so each result says which ran it."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:  # Linux; elsewhere the platform module's word stays
+            info = [line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line]
+        info = {k.strip(): v.strip() for k, v in info}  # the first core's "key<tabs>: value" lines
+        model, flags = info.get("model name", model), set(info.get("flags", "").split())
+    except OSError:
+        pass
+    unit = torch.backends.cpu.get_cpu_capability()
+    return f"cpu ({model}, {unit}{', AMX' if 'amx_bf16' in flags else ''})"
 
 
 def autocast(dev):

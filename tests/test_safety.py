@@ -270,3 +270,14 @@ def test_code_version_is_the_commit_and_says_dirty(tmp_path):
     assert C.code_version(str(tmp_path)) == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert C.code_version(str(tmp_path)) == head + "-dirty"
+
+
+def test_device_name_says_which_cpu_and_whether_it_has_amx(tmp_path):
+    cpu, unit = torch.device("cpu"), torch.backends.cpu.get_cpu_capability()
+    core = "processor\t: {}\nmodel name\t: Some  CPU 9\nflags\t\t: fpu avx512f{}\n"
+    (tmp_path / "amx").write_text(core.format(0, " amx_bf16 amx_tile") + "\n" + core.format(1, ""))
+    (tmp_path / "plain").write_text(core.format(0, ""))
+    assert C.device_name(cpu, str(tmp_path / "amx")) == f"cpu (Some  CPU 9, {unit}, AMX)"
+    assert C.device_name(cpu, str(tmp_path / "plain")) == f"cpu (Some  CPU 9, {unit})"
+    missing = C.device_name(cpu, str(tmp_path / "none"))  # not Linux: no cpuinfo, still a name and the unit
+    assert missing.startswith("cpu (") and missing.endswith(f", {unit})") and "AMX" not in missing
