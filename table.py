@@ -3,6 +3,11 @@ The paper's table (PROTOCOL section 7) and its Figure 2 as numbers, from finetun
 
     python table.py                          # reads results/*.json, writes results/table.md, prints it
     python table.py --results results/small  # sweep.sh runs this at its end
+    python table.py --results results/paper --readme README.md  # also refresh the README's copies
+
+A README holds a copy of a section of table.md between `<!-- table.py: <heading start> -->` and
+`<!-- end -->`: --readme rewrites each copy from the section whose heading starts with those words, so the
+README's numbers are the committed results' (tests/test_table.py checks that they are).
 
 A cell is mean (std) over seeds of target-test accuracy (%). A seed's value in a column with several
 corruptions (CIFAR-C, IN-C) is the mean over the corruptions present. std is the sample standard deviation (n
@@ -22,6 +27,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 from collections import Counter
 
@@ -336,10 +342,49 @@ def unsupervised(res):
     return lines
 
 
+COPY = re.compile(r"(<!-- table\.py: (.+?) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def sections(md):
+    """{heading text: body} of a markdown text; a body is the lines up to the next heading, blank lines at
+    either end left out."""
+    out, head = {}, None
+    for line in md.splitlines():
+        if line.startswith("#"):
+            head = line.lstrip("#").strip()
+            out[head] = []
+        elif head is not None:
+            out[head].append(line)
+    return {h: "\n".join(b).strip("\n") for h, b in out.items()}
+
+
+def fill_copies(text, md, where="the README"):
+    """text with each `<!-- table.py: words -->...<!-- end -->` copy replaced by md's section whose heading
+    starts with those words (one line of error if none or several do)."""
+    secs = sections(md)
+
+    def fill(m):
+        found = [b for h, b in secs.items() if h.startswith(m.group(2))]
+        if len(found) != 1:
+            raise SystemExit(f"error: {where} copies the table section '{m.group(2)}', but {len(found)} "
+                             f"headings start with it; headings: {'; '.join(secs)}")
+        return f"{m.group(1)}\n{found[0]}\n\n{m.group(4)}"
+    return COPY.sub(fill, text)
+
+
+def write(text, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic, like the results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results", help="folder of finetune.py's JSON results")
     p.add_argument("--out", default="", help="markdown file to write (default <results>/table.md)")
+    p.add_argument("--readme", default="", help="also rewrite this file's copies of table sections (the "
+                   "<!-- table.py: ... --> blocks)")
     return p.parse_args(argv)
 
 
@@ -350,12 +395,21 @@ def main(argv=None):
         raise SystemExit(f"error: no finetune.py results (*.json) in {args.results}")
     md = render(res, notes, args.results)
     out = args.out or os.path.join(args.results, "table.md")
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, out)  # atomic, like the results
+    if args.readme:
+        if not os.path.isfile(args.readme):
+            raise SystemExit(f"error: --readme {args.readme}: no such file")
+        with open(args.readme) as f:
+            text = f.read()
+        filled = fill_copies(text, md, args.readme)  # before anything is written: an error leaves both
+        if not COPY.search(text):
+            raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... <!-- end --> "
+                             "block to fill")
+    write(md, out)
     print(md, end="")
     print(f"written to {out}")
+    if args.readme:
+        write(filled, args.readme)
+        print(f"{len(COPY.findall(text))} table copies refreshed in {args.readme}")
     return md
 
 

@@ -209,3 +209,57 @@ def test_an_unset_flag_recorded_by_older_results_is_no_difference(tmp_path):
     md = table.main(["--results", d])
     assert "differ in lrs" not in md
     assert "CIFAR-C results differ in wd: 0.0, 0.0001" in md  # a real difference is still named
+
+
+README = """# A project
+Words that stay.
+<!-- table.py: Target-test -->
+stale table
+<!-- end -->
+More words, then the figure's numbers:
+<!-- table.py: Each block -->
+<!-- end -->
+The end.
+"""
+
+
+def test_readme_copies_are_refreshed_and_nothing_else(cifar, capsys):
+    readme = cifar / "README.md"
+    readme.write_text(README)
+    md = table.main(["--results", str(cifar), "--readme", str(readme)])
+    new, secs = readme.read_text(), table.sections(md)
+    main, fig = (next(b for h, b in secs.items() if h.startswith(w)) for w in ("Target-test", "Each block"))
+    assert "| Full Fine-Tuning | 76.0 (1.0) |" in main and "| layer1 | +3.0 (0.5) |" in fig
+    assert new == README.replace("stale table\n", f"\n{main}\n\n").replace(
+        "figure's numbers:\n<!-- table.py: Each block -->\n",
+        f"figure's numbers:\n<!-- table.py: Each block -->\n\n{fig}\n\n")
+    assert table.fill_copies(new, md) == new  # a second run changes nothing
+    assert "2 table copies refreshed" in capsys.readouterr().out
+    assert sorted(p.name for p in cifar.glob("README.md*")) == ["README.md"]
+
+
+@pytest.mark.parametrize("text, error", [
+    ("<!-- table.py: No such heading -->\n<!-- end -->\n", "copies the table section 'No such heading', but 0"),
+    ("<!-- table.py: All runs -->\n<!-- end -->\n<!-- table.py: Unsupervised -->\n<!-- end -->\n",
+     "'Unsupervised', but 2 headings"),  # MEMO's and entropy's
+    ("no copies here\n", "has no <!-- table.py")])
+def test_a_bad_readme_is_one_clear_error_and_nothing_is_written(cifar, text, error):
+    for objective in ("memo", "entropy"):
+        m = {"data": "cifar_c", "corruption": "fog", "tune": "none", "seed": 0, "test_acc": 60.0, "val_acc": None,
+             "objective": objective, "args": {}}
+        (cifar / f"cifar_c-fog-none-s0-{objective}.json").write_text(json.dumps(m))
+    (cifar / "README.md").write_text(text)
+    with pytest.raises(SystemExit, match=error):
+        table.main(["--results", str(cifar), "--readme", str(cifar / "README.md")])
+    assert (cifar / "README.md").read_text() == text and not (cifar / "table.md").exists()
+
+
+def test_the_readme_shows_the_committed_results():
+    """Each table copy in README.md is what the committed results/paper JSONs render to now."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res, notes = table.load(os.path.join(here, "results", "paper"))
+    with open(os.path.join(here, "README.md")) as f:
+        text = f.read()
+    assert len(table.COPY.findall(text)) == 4
+    assert table.fill_copies(text, table.render(res, notes, "results/paper")) == text, (
+        "README.md's tables are stale: python table.py --results results/paper --readme README.md")
