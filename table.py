@@ -402,8 +402,8 @@ def main(argv=None):
             text = f.read()
         filled = fill_copies(text, md, args.readme)  # before anything is written: an error leaves both
         if not COPY.search(text):
-            raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... <!-- end --> "
-                             "block to fill")
+            raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... "
+                             "<!-- end --> block to fill")
     write(md, out)
     print(md, end="")
     print(f"written to {out}")

@@ -239,14 +239,14 @@ def test_readme_copies_are_refreshed_and_nothing_else(cifar, capsys):
 
 
 @pytest.mark.parametrize("text, error", [
-    ("<!-- table.py: No such heading -->\n<!-- end -->\n", "copies the table section 'No such heading', but 0"),
+    ("<!-- table.py: No such heading -->\n<!-- end -->\n", "the table section 'No such heading', but 0"),
     ("<!-- table.py: All runs -->\n<!-- end -->\n<!-- table.py: Unsupervised -->\n<!-- end -->\n",
      "'Unsupervised', but 2 headings"),  # MEMO's and entropy's
     ("no copies here\n", "has no <!-- table.py")])
 def test_a_bad_readme_is_one_clear_error_and_nothing_is_written(cifar, text, error):
     for objective in ("memo", "entropy"):
-        m = {"data": "cifar_c", "corruption": "fog", "tune": "none", "seed": 0, "test_acc": 60.0, "val_acc": None,
-             "objective": objective, "args": {}}
+        m = {"data": "cifar_c", "corruption": "fog", "tune": "none", "seed": 0, "test_acc": 60.0,
+             "val_acc": None, "objective": objective, "args": {}}
         (cifar / f"cifar_c-fog-none-s0-{objective}.json").write_text(json.dumps(m))
     (cifar / "README.md").write_text(text)
     with pytest.raises(SystemExit, match=error):
