@@ -31,6 +31,7 @@ import re
 import statistics
 from collections import Counter
 
+import common as C
 import model as M
 
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", "Entity-30": "entity30",
@@ -373,10 +374,8 @@ def fill_copies(text, md, where="the README"):
 
 
 def write(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)  # atomic, like the results
 
 
 def parse_args(argv=None):
@@ -404,11 +403,11 @@ def main(argv=None):
         if not COPY.search(text):
             raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... "
                              "<!-- end --> block to fill")
-    write(md, out)
+    C.atomic_save(md, out, write=write)  # atomic, like the results
     print(md, end="")
     print(f"written to {out}")
     if args.readme:
-        write(filled, args.readme)
+        C.atomic_save(filled, args.readme, write=write)
         print(f"{len(COPY.findall(text))} table copies refreshed in {args.readme}")
     return md
 
