@@ -343,7 +343,7 @@ def unsupervised(res):
     return lines
 
 
-COPY = re.compile(r"(<!-- table\.py: (.+?) -->\n)(.*?)(<!-- end -->)", re.S)
+COPY = re.compile(r"^(<!-- table\.py: (.+?) -->\n)(.*?)^(<!-- end -->)$", re.S | re.M)  # markers: whole lines
 
 
 def sections(md):

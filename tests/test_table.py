@@ -212,7 +212,7 @@ def test_an_unset_flag_recorded_by_older_results_is_no_difference(tmp_path):
 
 
 README = """# A project
-Words that stay.
+Words that stay, naming a marker inline: `<!-- table.py: Nothing -->` (only whole lines are markers).
 <!-- table.py: Target-test -->
 stale table
 <!-- end -->
