@@ -399,16 +399,17 @@ def main(argv=None):
             raise SystemExit(f"error: --readme {args.readme}: no such file")
         with open(args.readme) as f:
             text = f.read()
-        filled = fill_copies(text, md, args.readme)  # before anything is written: an error leaves both
-        if not COPY.search(text):
+        copies = len(COPY.findall(text))
+        if not copies:
             raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... "
                              "<!-- end --> block to fill")
+        filled = fill_copies(text, md, args.readme)  # before anything is written: an error leaves both
     C.atomic_save(md, out, write=write)  # atomic, like the results
     print(md, end="")
     print(f"written to {out}")
     if args.readme:
         C.atomic_save(filled, args.readme, write=write)
-        print(f"{len(COPY.findall(text))} table copies refreshed in {args.readme}")
+        print(f"{copies} table copies refreshed in {args.readme}")
     return md
 
 
