@@ -1,18 +1,24 @@
 """
-Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted target by training one block (or
-what an automatic method chooses), select lr and epoch on target validation, report target test accuracy.
+Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted
+target by training one block (or what an automatic method picks), select lr
+and epoch on target validation, report target test accuracy.
 
-    python finetune.py --data cifar_c --tune layer1      # the paper's 14 corruptions at severity 5, seed 0
-    python finetune.py --data cifar_flip --tune fc       # CIFAR-Flip (labels y -> 9 - y)
-    python finetune.py --tune auto_rgn | auto_snr | l1   # the automatic methods, over every parameter
+    python finetune.py --data cifar_c --tune layer1      # the paper's 14 corruptions
+    python finetune.py --data cifar_flip --tune fc       # labels y -> 9 - y
+    python finetune.py --tune auto_rgn                   # or auto_snr, l1
     python finetune.py --objective memo --tune layer1    # label-free (unsupervised.py)
 
-The CIFAR source is the paper's own ResNet-26 (--ckpt paper: downloaded once, checksum-checked). One JSON per
-(data, corruption, tune, seed) in --out_dir; its fields are in the README ("Result files"). A CIFAR-C run of
-one corruption takes 1-5 minutes on a 2-core CPU with --cpu_bf16 (README: the measured times).
+One JSON per (data, corruption, tune, seed) in --out_dir. A run whose result
+exists is skipped, and one that another process is running (a lock in
+<out_dir>/.locks) too, so sweep.sh is plain loops and a killed sweep resumes.
+One CIFAR-C corruption takes 1-5 minutes on a 2-core CPU (RESULTS.md).
 """
+import argparse
 import copy
+import fcntl
+import hashlib
 import itertools
+import json
 import math
 import os
 import sys
@@ -21,267 +27,580 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common as C
+import common
 import data
-import model as M
-import protocol as P
+import model
 import rgn
 import unsupervised
-from checkpoints import load_source
-from protocol import parse_args
 
 # -----------------------------------------------------------------------------
-# method dispatch: which tensors a run may train (before the grid) and how each epoch trains them (rgn.py)
+# The protocol per target dataset (PROTOCOL.md sections 4, 5 and 8), keyed by
+# flag name: the defaults of the flags. *_per_class are per group for
+# waterbirds / celeba; test_per_class 0 = all the rest; imagenet_c's train_n
+# None = 5 a class. The CIFAR head alone takes larger steps: FC_LRS.
+CIFAR = dict(arch="resnet26", train_n=1000, val_per_class=10, test_per_class=90,
+             epochs=15, lrs="1e-3,1e-4,1e-5", wd=1e-4, ckpt="paper", data_dir="data")
+BREEDS = dict(arch="resnet50", train_n=850, val_per_class=10, test_per_class=0,
+              epochs=15, lrs="5e-4,1e-4,1e-5", wd=0.0, corruption="clean",
+              data_dir="data/imagenet")
+GROUPS = dict(arch="resnet50", train_n=400, val_per_class=30, test_per_class=0,
+              wd=1e-4, corruption="clean")
+PROTOCOL = {
+    "cifar_c": dict(CIFAR, corruption="paper14"),
+    "cifar_flip": dict(CIFAR, corruption="clean"),
+    "imagenet_c": dict(arch="resnet50", train_n=None, val_per_class=10,
+                       test_per_class=10, epochs=10, lrs="1e-3,1e-4,1e-5", wd=1e-4,
+                       corruption="paper15", ckpt="imagenet",
+                       data_dir="data/imagenet-c"),
+    "living17": dict(BREEDS, ckpt="ckpt/living17.pt"),
+    "entity30": dict(BREEDS, ckpt="ckpt/entity30.pt"),
+    "waterbirds": dict(GROUPS, epochs=100, lrs="5e-3,1e-3,5e-4",
+                       ckpt="ckpt/waterbirds.pt",
+                       data_dir="data/waterbird_complete95_forest2water2"),
+    "celeba": dict(GROUPS, epochs=50, lrs="1e-3,5e-4,1e-4", ckpt="ckpt/celeba.pt",
+                   data_dir="data"),
+}
+MEMO = dict(test_per_class=100, corruption="standard15")  # its table's: 100 a class
+FC_LRS = "1e-1,1e-2,1e-3"
+METHODS = ("auto_rgn", "auto_snr", "l1")  # each starts from every parameter
+SNR_THRESHOLD = {"eb": 0.95, "per_example": 0.2}  # the authors'; ours
+# The flags that change a run's numbers. A run that sets one away from its
+# --data default gets a result name tagged with them (result_path).
+NUMBER_FLAGS = (
+    "severity", "corruption_seed", "train_n", "val_per_class", "test_per_class",
+    "split_seed", "cifar10c_dir", "lrs", "epochs", "batch_size", "wd",
+    "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "bn", "image_size",
+    "ent_lr", "ent_steps", "ent_batch_size", "episodic", "ent_copies",
+    "memo_copies", "memo_lr")
 
-def tune_names(model, tune):
-    return M.resolve_tune(model, "all" if tune in P.METHODS else tune)  # a method starts from every tensor
 
+def parser(d="cifar_c", objective="ce"):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("target data (defaults: --data's protocol)").add_argument
+    a("--data", default="cifar_c", choices=list(PROTOCOL))
+    a("--corruption", help="a name, a comma list or a preset: paper14, "
+      "standard15, all; imagenet_c: paper15, all19")
+    a("--severity", type=int, default=5, choices=range(1, 6))
+    a("--corruption_seed", type=int, default=0, help="the corruptions' randomness")
+    a("--train_n", type=int, help="target training images")
+    a("--val_per_class", type=int, help="per group for waterbirds, celeba")
+    a("--test_per_class", type=int, help="0 = the rest")
+    a("--split_seed", type=int, default=0, help="the same for every --seed")
+    a("--data_dir", help="the dataset's folder (CIFAR: holds cifar-10-batches-py)")
+    a("--breeds_dir", default="data/breeds", help="the BREEDS hierarchy files")
+    a("--image_size", type=int, default=224, help="ImageNet family: crop size")
+    a("--cifar10c_dir", default="", help="read the official CIFAR-10-C here")
+    a("--cache_dir", default="data/cache", help="decoded / corrupted tensors")
+    a = p.add_argument_group("fine-tuning").add_argument
+    a("--tune", default="layer1", help="none, layer1..layer4, fc, all, auto_rgn, "
+      "auto_snr, l1, or blocks / name prefixes joined by , or +")
+    a("--lrs", help=f"Adam lr grid (CIFAR fc alone: {FC_LRS})")
+    a("--epochs", type=int)
+    a("--batch_size", type=int, default=64)
+    a("--wd", type=float, help="Adam's coupled weight decay")
+    a("--bn", default="eval", choices=["eval", "train"], help="BatchNorm mode")
+    a("--test_every_epoch", action="store_true",
+      help="score test every epoch, not only at val records (same result)")
+    a("--prefix_cache_gb", type=float, default=16,
+      help="memory for the frozen stages' output, run once; 0: none")
+    a = p.add_argument_group("automatic methods (rgn.py)").add_argument
+    a("--l1_lambdas", default="1e-5,1e-4,1e-3", help="l1: lambda grid")
+    a("--rgn_measure", default="before", choices=["before", "train"],
+      help="auto_rgn: 5 extra batches at the epoch-start weights (the "
+      "authors'), or the epoch's first 5")
+    a("--rgn_keep_state", action="store_true", help="auto_rgn: keep Adam's moments")
+    a("--rgn_include_norm", action="store_true", help="auto_rgn: train norms too")
+    a("--snr", default="eb", choices=["eb", "per_example"],
+      help="auto_snr: the authors' criterion, per epoch, or ours, once")
+    a("--snr_threshold", type=float, help=f"auto_snr: {SNR_THRESHOLD}")
+    a("--snr_n", type=int, default=128, help="auto_snr per_example: images")
+    a = p.add_argument_group("label-free (unsupervised.py)").add_argument
+    a("--objective", default="ce", choices=["ce", "memo", "entropy"])
+    a("--memo_copies", type=int, default=32, help="AugMix copies an image")
+    a("--memo_lr", type=float, default=0.005, help="MEMO's SGD step")
+    # TENT's CIFAR setting: Adam 1e-3, no weight decay, one step a batch. One
+    # lr for every --tune: without labels there is no val to choose it on.
+    a("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr")
+    a("--ent_steps", type=int, default=1, help="entropy: steps a batch")
+    a("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
+    a("--episodic", action="store_true", help="entropy: reset every batch")
+    a("--ent_copies", type=int, default=0, help="entropy: N crop+flip copies")
+    a = p.add_argument_group("run").add_argument
+    a("--ckpt", help="source: paper (downloaded once), imagenet, or a path")
+    a("--weights", default="imagenet", choices=["imagenet", "none"],
+      help="--ckpt imagenet: torchvision's weights or random (tests)")
+    a("--seed", type=int, default=0, help="batch order and the rest")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU (AMX)")
+    a("--out_dir", default="results", help="one JSON a run")
+    # the protocol's values become the defaults, so --help shows them
+    p.set_defaults(**{**PROTOCOL[d], **(MEMO if objective == "memo" else {})})
+    return p
+
+
+def parse_args(argv=None):
+    first, _ = parser().parse_known_args(argv)  # --data and --objective first
+    p = parser(first.data, first.objective)
+    args = p.parse_args(argv)
+    if args.snr_threshold is None:
+        args.snr_threshold = SNR_THRESHOLD[args.snr]
+    args.changed = {k: getattr(args, k) for k in NUMBER_FLAGS
+                    if getattr(args, k) != p.get_default(k)}
+    if args.changed.get("snr_threshold") == SNR_THRESHOLD[args.snr]:
+        del args.changed["snr_threshold"]
+    if "ckpt" in args.changed and os.path.isfile(args.ckpt):
+        if model.sha256(args.ckpt) == model.PAPER_SHA256:  # a copy of the paper's
+            del args.changed["ckpt"]
+    check(args)
+    return args
+
+
+def numbers(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def check(args):
+    """One line and exit for settings that cannot run."""
+    bad = []
+    try:
+        rates = numbers(args.lrs) + numbers(args.l1_lambdas)
+        if not numbers(args.lrs) or not numbers(args.l1_lambdas) or not all(
+                math.isfinite(v) and v > 0 for v in rates):
+            bad.append("--lrs and --l1_lambdas must list finite numbers > 0")
+    except ValueError:
+        bad.append(f"--lrs {args.lrs!r} and --l1_lambdas {args.l1_lambdas!r} must "
+                   "be comma lists of numbers")
+    least = (args.epochs, args.batch_size, args.val_per_class, args.train_n or 1,
+             args.snr_n - 1, args.memo_copies, args.ent_steps, args.ent_batch_size)
+    if min(least) < 1:
+        bad.append("--epochs, --batch_size, --train_n, --val_per_class, "
+                   "--memo_copies, --ent_steps and --ent_batch_size must be at "
+                   "least 1, --snr_n at least 2")
+    finite = (args.wd, args.snr_threshold, args.memo_lr, args.ent_lr)
+    if (min(args.test_per_class, args.wd, args.ent_copies, args.ent_lr) < 0
+            or not all(math.isfinite(v) for v in finite) or args.memo_lr <= 0):
+        bad.append("--test_per_class, --wd, --ent_copies and --ent_lr must be "
+                   ">= 0, --memo_lr > 0, all finite")
+    if not args.corruption:
+        bad.append("--corruption is empty; give a name, a list or a preset")
+    if args.data not in ("cifar_c", "imagenet_c") and args.corruption != "clean":
+        bad.append(f"--corruption does not apply to --data {args.data}")
+    if args.objective == "entropy" and args.tune in ("auto_snr", "l1"):
+        bad.append("--objective entropy cannot run auto_snr or l1 (they use labels)")
+    if args.objective == "memo" and (args.tune in METHODS or args.data != "cifar_c"):
+        bad.append("--objective memo needs --data cifar_c and a block or prefix "
+                   "list as --tune")
+    if bad:
+        raise SystemExit("error: " + "; ".join(bad))
+    corruptions(args)  # an unknown name fails now
+    if args.tune not in METHODS:  # a --tune matching nothing fails now
+        model.resolve_tune(probe(args.arch), args.tune)
+
+
+def probe(arch, nets={}):
+    """A random net of arch, built once: its parameter names check --tune."""
+    key = (arch, model.ARCHS[arch])
+    if key not in nets:
+        nets[key] = model.ARCHS[arch]()
+    return nets[key]
+
+
+def corruptions(args):
+    if args.data == "cifar_c":
+        return data.parse_names(args.corruption)
+    if args.data == "imagenet_c":
+        from imagenet import parse_imagenet_c
+        return parse_imagenet_c(args.corruption)
+    return ["clean"]
+
+
+# -----------------------------------------------------------------------------
+# The methods side by side: which tensors a run may train (before the grid),
+# and the optimizer of each epoch.
 
 def method_params(args, source, train, log=print):
-    """(names: the tensors the run may train, trained: those it does, the Auto-SNR record or None)."""
-    names = tune_names(source, args.tune)
-    norms = rgn.norm_param_names(source)  # the authors' automatic methods never train norm layers
-    if args.tune == "auto_snr" and args.snr == "eb":  # candidates; chosen anew every epoch by method_epoch
+    """(names the run may train, names it trains, the Auto-SNR record)."""
+    tune = "all" if args.tune in METHODS else args.tune
+    names = model.resolve_tune(source, tune)
+    norms = rgn.norm_param_names(source)  # the automatic methods skip norms
+    if args.tune == "auto_snr" and args.snr == "eb":  # chosen every epoch
         names = [n for n in names if n not in norms]
         return names, names, {"criterion": "eb", "threshold": args.snr_threshold}
-    if args.tune == "auto_snr":  # per-example SNR of every tensor, once, on a seeded subset of train
+    if args.tune == "auto_snr":  # per-example SNR, once, on a seeded subset
         x, y = train[:2]
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(x), generator=g)[:args.snr_n].to(x.device)
-        scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx], names, chunk_size=32)
+        scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx],
+                                names, chunk_size=32)
         names = rgn.snr_select(scores, args.snr_threshold)
-        log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above {args.snr_threshold}: "
-            + ", ".join(sorted({n.split(".")[0] for n in names})))
-        return names, names, {"criterion": "per_example", "threshold": args.snr_threshold, "scores": scores,
-                              "selected": names}
-    frozen = args.tune == "auto_rgn" and not args.rgn_include_norm
-    return names, [n for n in names if not (frozen and n in norms)], None
+        blocks = ", ".join(sorted({n.split(".")[0] for n in names}))
+        log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above "
+            f"{args.snr_threshold}: {blocks}")
+        return names, names, {"criterion": "per_example", "scores": scores,
+                              "threshold": args.snr_threshold, "selected": names}
+    if args.tune == "auto_rgn" and not args.rgn_include_norm:
+        return names, [n for n in names if n not in norms], None
+    return names, names, None
 
 
-def method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps):
-    """The optimizer for the next epoch (None: nothing trains in it); opt is the last epoch's or None."""
-    if args.tune == "auto_rgn":  # Adam with a rate per tensor, lr * RGN / max RGN, norms frozen
+def method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps):
+    """The optimizer for the next epoch (None: nothing trains in it)."""
+    if args.tune == "auto_rgn":  # Adam, a rate per tensor: lr * RGN / max RGN
         if opt is None:
-            opt = rgn.AutoRGN([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr, args.wd,
-                              steps_per_epoch=None if args.rgn_measure == "before" else steps,
-                              keep_state=args.rgn_keep_state, include_norm=args.rgn_include_norm,
-                              norm_names=rgn.norm_param_names(model))
-            M.freeze_except(model, opt.names)  # frozen norms need no gradient at all
-        if args.rgn_measure == "before":  # the authors': the rates from 5 probe batches, no step taken
+            opt = rgn.AutoRGN(
+                [(n, p) for n, p in net.named_parameters() if p.requires_grad],
+                lr, args.wd, keep_state=args.rgn_keep_state,
+                steps_per_epoch=None if args.rgn_measure == "before" else steps,
+                include_norm=args.rgn_include_norm,
+                norm_names=rgn.norm_param_names(net))
+            model.freeze_except(net, opt.names)  # frozen norms need no grad
+        if args.rgn_measure == "before":  # the authors': 5 batches, no step
             opt.new_epoch()
-            for xb, yb in probe():
+            for xb, yb in probe_batches():
                 loss_of(xb, yb).backward()
                 opt.measure()
                 opt.zero_grad(set_to_none=True)
         return opt
-    if args.tune == "auto_snr" and args.snr == "eb":  # tensors scoring >= threshold train this epoch
-        M.freeze_except(model, names)
-        scores = rgn.eb_scores(loss_of, probe(), [(n, p) for n, p in model.named_parameters() if n in names])
+    if args.tune == "auto_snr" and args.snr == "eb":  # scores >= threshold train
+        model.freeze_except(net, names)
+        named = [(n, p) for n, p in net.named_parameters() if n in names]
+        scores = rgn.eb_scores(loss_of, probe_batches(), named)
         chosen = [n for n in names if scores[n] >= args.snr_threshold]
-        hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in M.block_params(model).items()
-                            if b != "all"})
-        params = M.freeze_except(model, chosen)
+        hist["snr"].append({b: sum(n in chosen for n in ns)
+                            for b, ns in model.block_params(net).items() if b != "all"})
+        params = model.freeze_except(net, chosen)
         return torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     return opt or torch.optim.Adam(params, lr, weight_decay=args.wd)
 
 
 # -----------------------------------------------------------------------------
-# one lr: train, evaluate val every epoch, keep the best
+# One lr: train, score val after every epoch, keep the best epoch's weights.
 
-def epoch_entry(epoch, train_loss, v, t, t0):
-    """One history entry from C.measure() of val and of test (t None: test not scored at this epoch)."""
-    e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"], "val_loss": v["loss"],
-         "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
-    if "avg_acc" in v:  # waterbirds / celeba: the group-balanced average and the per-group accuracies too
+def entry(epoch, train_loss, v, t, t0):
+    """A history entry from evaluate() of val and test (t None: not scored)."""
+    e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"],
+         "val_loss": v["loss"], "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
+    if "avg_acc" in v:  # waterbirds / celeba: the groups too
         e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"],
                  test_group_acc=t and t["group_acc"])
     return {**e, "seconds": time.time() - t0}
 
 
-def finetune(model, names, splits, lr, args, start=0, epoch0=None, record=None, l1_lambda=0.0):
-    """Train the named parameters of model in place at lr for args.epochs, val after every epoch. splits:
-    {split: (x, y[, groups])} on the device, x the input of stage start[split] (an int: every split's).
-    epoch0: the source's history entry (None: scored here). record["val"]: the best val accuracy so far in the
-    grid; test is scored only where val beats it, the only places select() can land. Returns (history entry,
-    {name: tensor} at this lr's best-val epoch)."""
-    start = start if isinstance(start, dict) else dict.fromkeys(splits, start)
-    record = {"val": -1.0} if record is None else record
-    if epoch0 is None:
-        t0 = time.time()
-        epoch0 = epoch_entry(0, None, C.measure(model, splits["val"], start["val"]),
-                             C.measure(model, splits["test"], start["test"]), t0)
+def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0):
+    """Train net's named parameters in place at lr for args.epochs. splits:
+    {split: (x, y[, groups])} on the device, x the input of stage k (the
+    frozen stages before it ran once). Test is scored only where val beats
+    best_val, the best of the grid so far: the only places selection can
+    land. Returns (history, {name: tensor} at this lr's best val epoch)."""
     dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
-    g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batch order for every lr and method
-    # the methods' probe batches: a stream of their own
-    gm = torch.Generator(device=dev).manual_seed(args.seed + 1)
-    params, tuned = M.freeze_except(model, names), set(names)
+    g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batches
+    gm = torch.Generator(device=dev).manual_seed(args.seed + 1)  # probe batches
+    params = model.freeze_except(net, names)
     src = [p.detach().clone() for p in params] if l1_lambda else None
-    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": [epoch0]}
-    if args.tune == "auto_rgn":  # the per-block mean rate multiplier, each epoch
+    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None,
+            "epochs": []}
+    if args.tune == "auto_rgn":  # mean rate multiplier per block, per epoch
         hist["rgn"] = []
-    if args.tune == "auto_snr" and args.snr == "eb":  # tensors chosen per block, each epoch
+    if args.tune == "auto_snr" and args.snr == "eb":  # tensors chosen per block
         hist["snr"] = []
-    opt, best, best_val, t0 = None, {}, -1.0, time.time()
+    opt, best, top, t0 = None, {}, -1.0, time.time()
     steps = math.ceil(len(xtr) / args.batch_size)
 
     def loss_of(xb, yb):
-        with C.autocast(dev):
-            return F.cross_entropy(model(xb, start=start["train"]).float(), yb)
+        with common.autocast(dev):
+            return F.cross_entropy(net(xb, start=k).float(), yb)
 
-    def probe():  # 5 batches of their own shuffle, as the authors' islice(train_loader, 5)
-        return itertools.islice(data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm), 5)
-    for epoch in range(1, args.epochs + 1 if names else 1):
-        model.train(args.bn == "train")  # ResNet-26 has no BatchNorm or dropout: the same either way
-        opt = method_epoch(args, model, names, lr, opt, hist, loss_of, probe, steps)
+    def probe_batches():  # as the authors' islice(train_loader, 5)
+        b = data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm)
+        return itertools.islice(b, 5)
+    for epoch in range(1, args.epochs + 1):
+        net.train(args.bn == "train")  # ResNet-26: no BatchNorm, no dropout
+        opt = method_epoch(args, net, names, lr, opt, hist, loss_of,
+                           probe_batches, steps)
         tot = 0.0
-        batches = data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g)  # a fresh shuffle
-        for step, (xb, yb) in enumerate(batches, 1):
+        for step, (xb, yb) in enumerate(
+                data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g), 1):
             loss = loss_of(xb, yb)
-            tot += C.finite(loss, f"lr {lr:g}, epoch {epoch}, step {step}", "Try smaller --lrs.") * len(yb)
-            if opt is not None:  # auto_snr may choose nothing for an epoch: the model then stays as it is
-                reg = l1_lambda * sum((p - p0).abs().sum() for p, p0 in zip(params, src)) if src else 0.0
+            where = f"lr {lr:g}, epoch {epoch}, step {step}"
+            tot += common.finite(loss, where, "Try smaller --lrs.") * len(yb)
+            if opt is not None:  # auto_snr may choose nothing for an epoch
+                reg = 0.0
+                if src:
+                    reg = l1_lambda * sum((p - p0).abs().sum()
+                                          for p, p0 in zip(params, src))
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        v = C.measure(model, splits["val"], start["val"])
-        t = None
-        if args.test_every_epoch or v["acc"] > record["val"]:  # the only epochs select() can land on
-            t = C.measure(model, splits["test"], start["test"])
-        record["val"] = max(record["val"], v["acc"])
-        hist["epochs"].append(epoch_entry(epoch, tot / len(xtr), v, t, t0))
-        if v["acc"] > best_val:  # strictly better: ties keep the earlier epoch, as select() does
-            best_val = v["acc"]
-            best = {n: p.detach().clone() for n, p in model.named_parameters() if n in tuned}
+        v, t = model.evaluate(net, splits["val"], k), None
+        if args.test_every_epoch or v["acc"] > best_val:
+            t = model.evaluate(net, splits["test"], k)
+        best_val = max(best_val, v["acc"])
+        hist["epochs"].append(entry(epoch, tot / len(xtr), v, t, t0))
+        if v["acc"] > top:  # strictly: ties keep the earlier epoch
+            top = v["acc"]
+            best = {n: p.detach().clone() for n, p in net.named_parameters()
+                    if n in set(names)}
         if "rgn" in hist:
-            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, M.BLOCKS[model.arch]))
+            blocks = model.BLOCKS[net.arch]
+            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, blocks))
     return hist, best
 
 
 def select(history, min_epoch=1):
-    """The (lr, lambda, epoch) with the best val accuracy over epochs >= min_epoch, ties -> first seen
-    (history order, then epoch order), with its history index as "run"."""
+    """The (lr, lambda, epoch) of the best val accuracy over epochs >=
+    min_epoch; ties go to the first seen (grid order, then epoch order)."""
     sel = None
     for i, h in enumerate(history):
         for e in h["epochs"]:
             if e["epoch"] >= min_epoch and (sel is None or e["val_acc"] > sel["val_acc"]):
-                sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"],
-                       "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
+                sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"],
+                       "epoch": e["epoch"], "val_acc": e["val_acc"],
+                       "test_acc": e["test_acc"]}
                 if "test_avg_acc" in e:
                     sel["test_avg_acc"] = e["test_avg_acc"]
     return sel
 
 
 # -----------------------------------------------------------------------------
-# one run: (data, corruption, tune, seed) -> the grid, selection on val, one result file
+# The grid (lr x lambda) and selection: one line per lr.
 
-def supervised(args, source, names, target, k, where, log):
-    """The lr (x lambda) grid, one line per lr. Returns (history, selection, the selected model)."""
-    splits, starts = C.cached_splits(source, target, k, args, log)
-    t0 = time.time()  # epoch 0 is the source model: the same for every lr, so scored once
-    epoch0 = epoch_entry(0, None, C.measure(source, splits["val"], starts["val"]),
-                         C.measure(source, splits["test"], starts["test"]), t0)
-    lambdas = [float(v) for v in args.l1_lambdas.split(",") if v] if args.tune == "l1" else [0.0]
-    grid = [(lr, lam) for lam in lambdas for lr in P.lr_grid(args, names)] if names else [(None, 0.0)]
-    history, states, record = [], [], {"val": -1.0}
-    for j, (lr, lam) in enumerate(grid):
-        h, best = finetune(copy.deepcopy(source), names, splits, lr, args, starts, epoch0, record, lam)
+def cache_stage(names, args, source, target):
+    """How many leading stages are frozen and run once for every split: those
+    before the first tuned one, while --prefix_cache_gb holds them (a
+    ResNet-50 layer1 output is 1.6 MB an image in bf16). 0: none."""
+    bn_train = args.bn == "train" and source.arch != "resnet26"  # batch stats
+    if not args.prefix_cache_gb or not names or bn_train:
+        return 0
+    k = model.first_stage(names, source.arch)
+    one = [model.prefix(source, x[:1], k) for x, *_ in target.values()]
+    need = sum(o.numel() * o.element_size() * len(x)
+               for o, (x, *_) in zip(one, target.values()))
+    return k if need <= args.prefix_cache_gb * 2 ** 30 else 0
+
+
+def grid(args, source, names, target, log):
+    """Returns (history, selection, the selected model, prefix stage)."""
+    k = cache_stage(names, args, source, target)
+    splits = {s: (model.prefix(source, x, k), *rest) for s, (x, *rest) in target.items()}
+    t0 = time.time()  # epoch 0 is the source: the same for every lr
+    epoch0 = entry(0, None, model.evaluate(source, splits["val"], k),
+                   model.evaluate(source, splits["test"], k), t0)
+    lambdas = numbers(args.l1_lambdas) if args.tune == "l1" else [0.0]
+    lrs = numbers(args.lrs)
+    fc = names and all(n.startswith("fc.") for n in names)
+    if fc and args.data.startswith("cifar") and "lrs" not in args.changed:
+        lrs = numbers(FC_LRS)
+    todo = [(lr, lam) for lam in lambdas for lr in lrs] if names else []
+    history, states, best_val = [], [], -1.0
+    if not todo:  # tune none: the source is the result
+        history, states = [{"lr": None, "lambda": None, "epochs": [epoch0]}], [{}]
+    for j, (lr, lam) in enumerate(todo):
+        h, best = train_one_lr(copy.deepcopy(source), names, splits, k, lr, args,
+                               best_val, lam)
+        h["epochs"].insert(0, epoch0)
+        best_val = max([best_val] + [e["val_acc"] for e in h["epochs"][1:]])
         history.append(h)
         states.append(best)
-        if names:
-            curve, top = [e["val_acc"] for e in h["epochs"]], max(h["epochs"][1:], key=lambda e: e["val_acc"])
-            extra = ""
-            if "rgn" in h:  # the last epoch's mean rate multiplier per block
-                extra = " | rgn " + " ".join(f"{b} {m:.2f}" for b, m in h["rgn"][-1].items())
-            log(f"{where((j + 1) / len(grid))} lr {lr:.0e}{f' lambda {lam:.0e}' if lam else ''} | val "
-                f"{curve[0]:.1f} -> {curve[-1]:.1f}%, best {top['val_acc']:.1f}% at epoch "
-                f"{top['epoch']}{extra}")
+        top = max(h["epochs"][1:], key=lambda e: e["val_acc"])
+        extra = ""
+        if "rgn" in h:  # the last epoch's mean multiplier per block
+            extra = " | rgn " + " ".join(f"{b} {m:.2f}" for b, m in h["rgn"][-1].items())
+        lam_s = f" lambda {lam:.0e}" if lam else ""
+        log(f"[{j + 1}/{len(todo)}] lr {lr:.0e}{lam_s} | val {epoch0['val_acc']:.1f} -> "
+            f"{h['epochs'][-1]['val_acc']:.1f}%, best {top['val_acc']:.1f}% at "
+            f"epoch {top['epoch']}{extra}")
     sel = select(history, min_epoch=1 if names else 0)
     tuned = copy.deepcopy(source)
-    with torch.no_grad():  # the selected model: the source with the tuned tensors at their selected values
+    with torch.no_grad():  # the source with the tuned tensors as selected
         for n, p in tuned.named_parameters():
             p.copy_(states[sel["run"]].get(n, p))
-    return history, sel, tuned
+    return history, sel, tuned, k
 
 
-def run(args, source, target, clean, corruption, acc_before, where=lambda f: "", log=print):
-    """One (data, corruption, tune, seed). target: {split: (x uint8, y[, groups])} on the device; clean: the
-    source-distribution test split or None. where(fraction of this run done) -> the position and ETA of a log
-    line. Writes protocol.result_path() and returns the result."""
+# -----------------------------------------------------------------------------
+# One run -> one result file; skipped when done, locked while running.
+
+def variant(args):
+    """Non-default settings of an automatic method, "+"-joined, or None."""
+    on = []
+    if args.tune == "auto_snr" and args.snr != "eb":
+        on = [f"snr_{args.snr}"]
+    if args.tune == "auto_rgn":
+        on = [n for n, v in (("measure_train", args.rgn_measure == "train"),
+                             ("keep_state", args.rgn_keep_state),
+                             ("with_norm", args.rgn_include_norm)) if v]
+    return "+".join(on) or None
+
+
+def result_path(args, corruption):
+    """<out_dir>/<data>-<corruption>-<tune>-s<seed>[-<objective>][-<variant>]
+    [-p<hash of the changed settings>].json: a quick run never stands in
+    for a protocol run."""
+    tune = "".join(c if c.isalnum() or c in "._+-" else "_"
+                   for c in args.tune.replace(",", "+"))
+    name = f"{args.data}-{corruption}-{tune}-s{args.seed}"
+    if args.objective != "ce":
+        name += f"-{args.objective}"
+    if variant(args):
+        name += f"-{variant(args)}"
+    if args.changed:
+        h = hashlib.sha1(json.dumps(args.changed, sort_keys=True).encode())
+        name += f"-p{h.hexdigest()[:8]}"
+    return os.path.join(args.out_dir, name + ".json")
+
+
+def claim(path):
+    """An open lock file if this process may run path's run, else None: the
+    result exists, or another process holds the lock (a kill frees it)."""
+    if os.path.exists(path):
+        return None
+    folder = os.path.join(os.path.dirname(path), ".locks")
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, os.path.basename(path)), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return None
+    if os.path.exists(path):  # finished while we waited for the lock
+        lock.close()
+        return None
+    return lock
+
+
+def run(args, source, target, clean, corruption, acc_before, log=print):
+    """One (data, corruption, tune, seed). target: {split: (x uint8, y[, g])}
+    on the device; clean: the source test split or None. Writes the result."""
     t0, dev = time.time(), target["test"][0].device
     names, trained, snr = method_params(args, source, target["train"], log)
-    k = C.cache_stage(names, args, source.arch)
     if args.objective == "ce":
-        history, sel, tuned = supervised(args, source, names, target, k, where, log)
-        source_acc = C.evaluate(tuned, *clean)[0] if names and clean else acc_before
-    else:
-        k = 0 if args.objective == "memo" or args.ent_copies else k  # augmented copies need the images
-        test = target["test"]
-        history, sel, source_acc = unsupervised.run(args, source, names, test, clean, k, acc_before, log)
-    severity = args.severity if args.data.endswith("_c") else None
-    metric = "worst-group accuracy" if "test_avg_acc" in sel else "accuracy"
+        history, sel, tuned, k = grid(args, source, names, target, log)
+        source_acc = acc_before
+        if names and clean:
+            source_acc = model.evaluate(tuned, clean)["acc"]
+    else:  # augmented copies need the images: no prefix
+        k = 0
+        if args.objective == "entropy" and not args.ent_copies and names:
+            k = cache_stage(names, args, source, {"test": target["test"]})
+        history, sel, source_acc = unsupervised.run(
+            args, source, names, target["test"], clean, k, acc_before, log)
     n_params = sum(p.numel() for n, p in source.named_parameters() if n in set(trained))
-    res = {"data": args.data, "corruption": corruption, "severity": severity, "tune": args.tune,
-           "seed": args.seed, "objective": args.objective, "variant": P.variant(args),
-           "changed": P.changed_settings(args), "args": vars(args),
+    res = {"data": args.data, "corruption": corruption,
+           "severity": args.severity if args.data.endswith("_c") else None,
+           "tune": args.tune, "seed": args.seed, "objective": args.objective,
+           "variant": variant(args), "changed": args.changed, "args": vars(args),
            "trained": {"tensors": len(trained), "params": n_params, "names": trained},
-           "prefix_stage": k, "history": history, "selected": {k_: v for k_, v in sel.items() if k_ != "run"},
-           "test_acc": sel["test_acc"], "val_acc": sel["val_acc"], "test_avg_acc": sel.get("test_avg_acc"),
-           "metric": metric, "source_acc": source_acc, "source_acc_before": acc_before, "snr": snr,
-           "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev),
-           "code": C.code_version()}
-    path = P.result_path(args, corruption)
-    res = C.write_json(res, path)  # rounded as written, so the caller sees the file's numbers
-    at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names and sel["epoch"] is not None else args.objective
+           "prefix_stage": k, "history": history,
+           "selected": {a: v for a, v in sel.items() if a != "run"},
+           "test_acc": sel["test_acc"], "val_acc": sel["val_acc"],
+           "test_avg_acc": sel.get("test_avg_acc"),
+           "metric": "worst-group accuracy" if "test_avg_acc" in sel else "accuracy",
+           "source_acc": source_acc, "source_acc_before": acc_before, "snr": snr,
+           "seconds": time.time() - t0, "torch": str(torch.__version__),
+           "device": common.device_name(dev), "code": common.code_version()}
+    path = result_path(args, corruption)
+    try:
+        res = common.write_json(res, path)  # rounded as written
+    except OSError as e:  # the work is not lost: the whole result on stdout
+        print(json.dumps(common.tidy(res)))
+        raise SystemExit(f"error: cannot write {path} ({e.strerror}); the result "
+                         "is printed above as JSON")
+    at = args.objective
+    if names and sel["epoch"] is not None:
+        at = f"lr {sel['lr']:g}, epoch {sel['epoch']}"
     kept = f" | source test {source_acc:.2f}% (before {acc_before:.2f}%)" if clean else ""
-    log(f"{where(1.0)} result: test {res['test_acc']:.2f}% ({res['metric']}; val {sel['val_acc'] or 0:.1f}% "
-        f"at {at}){kept} | {C.fmt_time(res['seconds'])} -> {path}")
+    log(f"result: test {res['test_acc']:.2f}% ({res['metric']}; val "
+        f"{sel['val_acc'] or 0:.1f}% at {at}){kept} | "
+        f"{common.fmt_time(res['seconds'])} -> {path}")
     return res
 
 
+def load_source(args, dev):
+    """The source model in eval mode on dev, and the holdout it was trained
+    with. A missing checkpoint names the train.py command: source training
+    takes minutes to hours and never starts by itself."""
+    if args.ckpt == "imagenet":
+        weights = None if args.weights == "none" else "imagenet"
+        return common.prepare(model.build_model("resnet50", 1000, weights), dev), 0
+    if args.ckpt != "paper" and not os.path.exists(args.ckpt):
+        src = f"--data {args.data} --data_dir {args.data_dir}"
+        if args.data.startswith("cifar"):
+            src = "--data cifar10"
+        raise SystemExit(f"error: no checkpoint at {args.ckpt}; use --ckpt paper "
+                         "(CIFAR: the paper's model) or train one first: "
+                         f"python train.py {src} --out {args.ckpt}")
+    source, meta = model.load_checkpoint(args.ckpt, dev)
+    k = source.fc.out_features
+    if args.data.startswith("cifar") and k != 10:
+        raise SystemExit(f"error: {args.ckpt} has {k} outputs; CIFAR needs a "
+                         "10-class source")
+    cifar_ok = args.arch == "resnet26" and source.arch == "wrn28_10"
+    if source.arch != args.arch and not cifar_ok:
+        raise SystemExit(f"error: {args.ckpt} holds a {source.arch}; --data "
+                         f"{args.data} needs a {args.arch} source")
+    return common.prepare(source, dev).eval(), meta["holdout"]
+
+
+def describe(args, source):
+    bn = "" if source.arch == "resnet26" else f", BatchNorm in {args.bn} mode"
+    if args.objective != "ce":
+        return f"method: --tune {args.tune}; {unsupervised.describe(args)}{bn}"
+    fc = f" (fc alone: {FC_LRS})" if args.data.startswith("cifar") else ""
+    l1 = f" x lambda {args.l1_lambdas}" if args.tune == "l1" else ""
+    return (f"method: --tune {args.tune}; Adam, lr grid {args.lrs}{fc}{l1}, wd "
+            f"{args.wd:g}, batch {args.batch_size}, {args.epochs} epochs, seed "
+            f"{args.seed}{bn}; selection: best val accuracy over epochs "
+            f"1..{args.epochs} and the grid, ties -> first; test accuracy there")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--result_paths"]:  # sweep.sh: the run list, nothing run (protocol.result_paths)
-        return P.result_paths()
     args = parse_args(argv)
-    corruptions = P.corruption_list(args)
-    C.check_writable(os.path.join(args.out_dir, "result.json"), "--out_dir")  # before any compute, not after
-    dev = C.get_device(args.device, args.cpu_bf16)
+    todo = [c for c in corruptions(args)
+            if not os.path.exists(result_path(args, c))]
+    skipped = len(corruptions(args)) - len(todo)
+    if skipped:
+        print(f"{skipped} run(s) already have a result in {args.out_dir}: skipped "
+              "(delete a file to run it again)")
+    if not todo:
+        return []
+    common.check_writable(os.path.join(args.out_dir, "result.json"), "--out_dir")
+    dev = common.get_device(args.device, args.cpu_bf16)
     source, holdout = load_source(args, dev)
     if args.data.startswith("cifar"):
-        targets = data.cifar_targets(args, corruptions, holdout, dev)
+        load = data.cifar_target(args, holdout, dev)
     else:
-        from family import family_targets
-        targets = family_targets(args, corruptions, source.fc.out_features, dev)
-    bn = "" if source.arch == "resnet26" else f", BatchNorm in {args.bn} mode"  # GroupNorm has no mode
-    if args.objective != "ce":
-        print(f"method: --tune {args.tune}; {unsupervised.describe(args)}{bn}")
-    else:
-        fc = f" (fc alone: {P.FC_LRS})" if args.data.startswith("cifar") else ""
-        l1 = f" x lambda {args.l1_lambdas}" if args.tune == "l1" else ""
-        print(f"method: --tune {args.tune}; Adam, lr grid {args.lrs}{fc}{l1}, wd {args.wd:g}, batch "
-              f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}{bn}; selection: best val accuracy "
-              f"over epochs 1..{args.epochs} and the grid, ties -> first; test accuracy there")
+        from imagenet import imagenet_target
+        load = imagenet_target(args, source.fc.out_features, dev)
+    print(describe(args, source))
     results, clean, acc_before, t0 = [], None, None, time.time()
-    for i, (c, target, clean_c) in enumerate(targets):
-        if clean_c is not None and clean_c is not clean:  # the source accuracy, once per source test split
-            clean, acc_before = clean_c, C.evaluate(source, *clean_c)[0]
-            print(f"source: {args.ckpt}, source test accuracy {acc_before:.2f}%")
+    for i, c in enumerate(todo):
+        lock = claim(result_path(args, c))
+        if lock is None:
+            print(f"[{c}] skipped: done or running in another process")
+            continue
+        with lock:
+            target, clean_c = load(c)
+            if clean_c is not None and clean_c is not clean:  # once a split
+                clean = clean_c
+                acc_before = model.evaluate(source, clean)["acc"]
+                print(f"source: {args.ckpt}, source test accuracy {acc_before:.2f}%")
 
-        # "[corruption k/N]" and the command's ETA, from the fraction of this run done
-        def where(f, i=i, c=c):
-            el, done = time.time() - t0, (i + f) / len(corruptions)
-            eta = C.fmt_time(el / done * (1 - done))
-            return f"[{c} {i + 1}/{len(corruptions)}, {C.fmt_time(el)}, ETA {eta}]"
-        results.append(run(args, source, target, clean_c, c, acc_before, where))
+            def log(line, i=i, c=c):  # "[corruption i/N, elapsed]"
+                el = common.fmt_time(time.time() - t0)
+                print(f"[{c} {i + 1}/{len(todo)}, {el}] {line}", flush=True)
+            results.append(run(args, source, target, clean_c, c, acc_before, log))
     if len(results) > 1:
-        kept = [r["source_acc"] for r in results if r["source_acc"] is not None]
-        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: test "
-              f"{sum(r['test_acc'] for r in results) / len(results):.2f}%"
-              + (f" | source test {sum(kept) / len(kept):.2f}%" if kept else ""))
+        mean = sum(r["test_acc"] for r in results) / len(results)
+        print(f"mean over {len(results)} corruptions, tune={args.tune} "
+              f"seed={args.seed}: test {mean:.2f}%")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing of the run in flight was written")

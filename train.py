@@ -16,10 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common as C
+import common
 import data
-import model as M
-from checkpoints import save_checkpoint
+import model
 
 # Source-training recipes, keyed by flag name. cifar10: the paper's checkpoint (PROTOCOL section 2). The
 # others: the epochs of PROTOCOL section 8; SGD lr and wd are our choice for BREEDS (the paper does not give
@@ -40,7 +39,7 @@ STATE_KEYS = ("data", "arch", "epochs", "milestones", "batch_size", "lr", "momen
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.Help,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 usage="python train.py [--data D] [options]")
     p.add_argument("--data", default="cifar10", choices=list(RECIPES),
                    help="source dataset; picks the recipe")
@@ -63,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="SGD lr (default: the recipe's)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, help="SGD's coupled weight decay (default: the recipe's)")
-    p.add_argument("--arch", choices=sorted(M.ARCHS), help="default: the recipe's")
+    p.add_argument("--arch", choices=sorted(model.ARCHS), help="default: the recipe's")
     p.add_argument("--weights", default="imagenet", choices=["imagenet", "none"],
                    help="resnet50's start: torchvision's ImageNet weights (downloaded once) or random "
                         "(default: %(default)s)")
@@ -103,7 +102,7 @@ def source_data(args):
         (xtr, ytr), _ = data.source_and_pool(d, args.holdout)
         xtr, ytr = (xtr[:args.limit], ytr[:args.limit]) if args.limit else (xtr, ytr)
         return (xtr, ytr), d["test"], 10  # clean test split: the paper's source accuracy
-    from family import family_source
+    from imagenet import family_source
     d, k = family_source(args.data, args.data_dir, args.breeds_dir, args.image_size, args.cache_dir,
                          args.limit)
     return d["train"], d["test"], k
@@ -111,7 +110,7 @@ def source_data(args):
 
 def train(args):
     """Train a source model per args; returns (model, metrics)."""
-    dev = C.get_device(args.device, args.cpu_bf16)
+    dev = common.get_device(args.device, args.cpu_bf16)
     torch.manual_seed(args.seed)
     (xtr, ytr), test, k = source_data(args)
     # on the device when it fits (all of CIFAR; an ImageNet-family set of ~50k 224 px images is 7.5 GB)
@@ -119,7 +118,7 @@ def train(args):
     xtr, ytr = (xtr.to(dev), ytr.to(dev)) if keep else (xtr.pin_memory(), ytr)
     xte, yte = (t.to(dev) for t in test) if test else (None, None)
     weights = args.weights if args.arch == "resnet50" and args.weights != "none" else None
-    raw = C.prepare(M.build_model(args.arch, k, weights), dev)
+    raw = common.prepare(model.build_model(args.arch, k, weights), dev)
     net = torch.compile(raw) if args.compile and dev.type == "cuda" else raw
     opt = torch.optim.SGD(raw.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     milestones = [int(m) for m in args.milestones.split(",") if m != "none"]
@@ -153,12 +152,12 @@ def train(args):
         te, tot, correct = time.time(), 0.0, 0
         for xb, yb in data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g):
             xb, yb = data.crop_flip(xb, pad, g).to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            with C.autocast(dev):
+            with common.autocast(dev):
                 out = net(xb)
                 loss = F.cross_entropy(out.float(), yb)
             # checked before the update: a NaN never reaches the weights; one sync a step, cheap at these
             # sizes
-            tot += C.finite(loss, f"epoch {epoch}, lr {sched.get_last_lr()[0]:g}",
+            tot += common.finite(loss, f"epoch {epoch}, lr {sched.get_last_lr()[0]:g}",
                             "Try a smaller --lr.") * len(yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,28 +167,28 @@ def train(args):
         ips = len(xtr) / (time.time() - te)
         # test costs a while
         scored = xte is not None and (epoch == args.epochs or epoch % 5 == 0 or epoch == 1)
-        test_acc = C.evaluate(net, xte, yte)[0] if scored else test_acc  # the last scored value
+        test_acc = model.evaluate(net, (xte, yte))["acc"] if scored else test_acc  # the last scored value
         el = time.time() - t0
-        C.atomic_save({"config": config, "epoch": epoch, "model": raw.state_dict(), "opt": opt.state_dict(),
+        common.atomic_save({"config": config, "epoch": epoch, "model": raw.state_dict(), "opt": opt.state_dict(),
                        "sched": sched.state_dict(), "gen": g.get_state(), "rng": torch.get_rng_state(),
                        "seconds": el, "test_acc": test_acc}, st)
         print(f"epoch {epoch:3d}/{args.epochs} | loss {tot / len(xtr):.3f} | train "
               f"{100 * correct / len(xtr):5.1f}% | "
-              f"test {f'{test_acc:5.1f}%' if scored else '  -   '} | {ips:,.0f} img/s | {C.fmt_time(el)} "
-              f"elapsed, ETA {C.fmt_time(el / epoch * (args.epochs - epoch))}")
+              f"test {f'{test_acc:5.1f}%' if scored else '  -   '} | {ips:,.0f} img/s | {common.fmt_time(el)} "
+              f"elapsed, ETA {common.fmt_time(el / epoch * (args.epochs - epoch))}")
     metrics = {"test_acc": None if math.isnan(test_acc) else test_acc, "train_images": len(xtr),
-               "seconds": time.time() - t0, "torch": str(torch.__version__), "device": C.device_name(dev)}
+               "seconds": time.time() - t0, "torch": str(torch.__version__), "device": common.device_name(dev)}
     return raw, metrics
 
 
 def main(argv=None):
     args = parse_args(argv)
-    C.check_writable(args.out, "--out")
+    common.check_writable(args.out, "--out")
     net, metrics = train(args)
-    save_checkpoint(args.out, net, args, metrics)
+    model.save_checkpoint(args.out, net, args, metrics)
     os.remove(f"{args.out}.state")  # the run is whole: nothing left to resume
     acc = "none (no source test split)" if metrics["test_acc"] is None else f"{metrics['test_acc']:.2f}%"
-    print(f"source test accuracy {acc} after {C.fmt_time(metrics['seconds'])}; saved {args.out}")
+    print(f"source test accuracy {acc} after {common.fmt_time(metrics['seconds'])}; saved {args.out}")
     return net
 
 

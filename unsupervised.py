@@ -26,42 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import model as M
 import rgn
-from common import autocast, evaluate, finite, fmt_time, prefix
+from common import autocast, finite, fmt_time
 from data import crop_flip
-
-
-def add_args(p):
-    g = p.add_argument_group("label-free adaptation (--objective memo | entropy; README: Unsupervised "
-                             "adaptation)")
-    g.add_argument("--objective", default="ce", choices=["ce", "memo", "entropy"],
-                   help="ce: supervised fine-tuning; memo, entropy: on the unlabelled test split")
-    g.add_argument("--memo_copies", type=int, default=32, help="memo: AugMix copies per test image")
-    g.add_argument("--memo_lr", type=float, default=0.005,
-                   help="memo: the plain SGD step's lr (MEMO's CIFAR value)")
-    # TENT's CIFAR setting (cfgs/tent.yaml): Adam 1e-3, no weight decay, one step per batch (of 200 there).
-    # One lr for every --tune, fc too: without labels there is no validation to choose it on.
-    g.add_argument("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr, no weight decay")
-    g.add_argument("--ent_steps", type=int, default=1, help="entropy: Adam steps per stream batch")
-    g.add_argument("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
-    g.add_argument("--episodic", action="store_true", help="entropy: restart from the source for every batch")
-    g.add_argument("--ent_copies", type=int, default=0,
-                   help="entropy: N > 0 = marginal entropy over N crop+flip copies of each image")
-
-
-def check(args, methods):
-    """One line and exit for settings the label-free objectives cannot run."""
-    if args.objective == "entropy" and (args.tune in ("auto_snr", "l1") or args.ent_copies < 0
-                                        or min(args.ent_steps, args.ent_batch_size) < 1 or args.ent_lr < 0):
-        raise SystemExit("error: --objective entropy needs --ent_steps, --ent_batch_size >= 1, --ent_copies, "
-                         "--ent_lr "
-                         ">= 0 and a --tune other than auto_snr / l1 (they score or select with labels)")
-    if args.objective == "memo" and (args.tune in methods or args.data != "cifar_c" or args.memo_copies < 1
-                                     or not (math.isfinite(args.memo_lr) and args.memo_lr > 0)):
-        raise SystemExit("error: --objective memo needs --data cifar_c, --memo_copies >= 1, --memo_lr > 0 "
-                         "and a block or prefix list as --tune (the automatic methods select with labels or "
-                         "over epochs)")
+from model import evaluate, freeze_except, prefix
 
 
 def describe(args):
@@ -96,7 +64,7 @@ def run(args, source, names, test, clean, k, acc_before, log=print):
     acc, source_acc = hit.mean().item(), acc_before
     lr = args.memo_lr if args.objective == "memo" else args.ent_lr
     if names and clean and args.objective != "memo":
-        source_acc = evaluate(net, *clean)[0]
+        source_acc = evaluate(net, clean)["acc"]
     sel = {"lr": lr, "lambda": None, "epoch": None, "val_acc": None, "test_acc": acc}
     return [{"lr": lr, "lambda": None, "stream": stream}], sel, source_acc
 
@@ -125,7 +93,7 @@ def adapt_stream(model, names, x, args, start=0, log=print):
     """Entropy minimisation of the named parameters of model (in place) over the stream x (images when start
     == 0, else stage-`start` activations) in order. Returns (predictions (N,), [{"batch", "n", "entropy" of
     the scored predictions, "seconds"}])."""
-    params = M.freeze_except(model, names)
+    params = freeze_except(model, names)
     src, opt, g = [p.detach().clone() for p in params], None, torch.Generator(x.device).manual_seed(args.seed)
 
     def new_opt():  # auto_rgn: per-tensor rates measured on the first 5 steps after each reset, norms frozen
@@ -133,7 +101,7 @@ def adapt_stream(model, names, x, args, start=0, log=print):
             return torch.optim.Adam(params, args.ent_lr)
         o = rgn.AutoRGN([(n, p) for n, p in model.named_parameters() if p.requires_grad], args.ent_lr,
                         include_norm=args.rgn_include_norm, norm_names=rgn.norm_param_names(model))
-        M.freeze_except(model, o.names)
+        freeze_except(model, o.names)
         return o
     preds, stream, t0, nb = [], [], time.time(), math.ceil(len(x) / args.ent_batch_size)
     for i, xb in enumerate(x.split(args.ent_batch_size)):
@@ -279,7 +247,7 @@ def memo(model, names, x, args, log=print, chunk=32):
     """Predictions (N,) for uint8 images x: each by the source model after one SGD step (lr args.memo_lr) on
     the marginal entropy of args.memo_copies AugMix copies of that image, taken by the named parameters only,
     then undone. Also per-chunk records {"batch", "n" images, "entropy" (mean loss), "seconds"}."""
-    params = M.freeze_except(model, names)
+    params = freeze_except(model, names)
     src = [p.detach().clone() for p in params]
     gen = torch.Generator(device=x.device).manual_seed(args.seed)
     model.eval()  # MEMO adapts in eval mode; GroupNorm keeps no statistics anyway

@@ -88,10 +88,11 @@ def run_all(tmp):
                 "--batch_size", "20", "--device", "cpu", "--out", src])
     out["train_cifar"] = digest(src)
     base = ["--data_dir", cifar, "--cache_dir", os.path.join(tmp, "cache"), "--ckpt", src,
-            "--corruption", "gaussian_noise", "--train_n", "100", "--val_per_class", "3",
+            "--train_n", "100", "--val_per_class", "3",
             "--test_per_class", "10", *TINY]
     for name, flags in CIFAR_RUNS.items():
-        argv = base + flags + ["--out_dir", os.path.join(tmp, "res", name)]
+        c = [] if "cifar_flip" in flags else ["--corruption", "gaussian_noise"]
+        argv = base + c + flags + ["--out_dir", os.path.join(tmp, "res", name)]
         out[name] = [numbers(r) for r in finetune.main(argv)]
     # the ImageNet family on fake folders, 32 px
     wb = os.path.join(tmp, "wb")

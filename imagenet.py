@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common import load_cache, save_cache
-from data import STANDARD15, _parse_names, per_class_split, target_split
+from common import load_cache
+from corruptions import STANDARD15, parse_names
+from data import per_class_split, save_cache, target_split
 
 IMAGENET_C15 = STANDARD15  # ImageNet-C has the same 15 standard types
 IMAGENET_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # the release's 4 extra folders
@@ -75,7 +76,8 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
 def parse_imagenet_c(spec):
     """'paper15' (the 15 standard types), 'all19' (and the 4 extra) or a comma list -> tuple of names."""
     valid = IMAGENET_C15 + IMAGENET_C_EXTRA
-    return _parse_names(spec, {"paper15": IMAGENET_C15, "all19": valid}, valid, "ImageNet-C corruption")
+    return parse_names(spec, {"paper15": IMAGENET_C15, "all19": valid}, valid,
+                       "ImageNet-C corruption")
 
 
 def _class_images(folders_per_class):
@@ -347,25 +349,34 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5, train_
             "counts": {s: len(v[1]) for s, v in out.items()}}
 
 
-def family_targets(args, corruptions, num_classes, dev):
-    """data.cifar_targets() for the ImageNet family: (corruption, {split: (x, y[, groups])} on dev, the source
-    test split or None) from args.data_dir; waterbirds / celeba carry their group ids as a third tensor."""
-    for i, c in enumerate(corruptions):
-        t = family_target(args.data, args.data_dir, args.breeds_dir, c if args.data == "imagenet_c" else None,
-                          args.severity, args.train_n, args.val_per_class, args.test_per_class,
+def imagenet_target(args, num_classes, dev):
+    """data.cifar_target() for the ImageNet family: a function corruption ->
+    ({split: (x, y[, groups])} on dev, the source test split or None);
+    waterbirds / celeba carry their group ids as a third tensor."""
+    said = []
+
+    def load(c):
+        t = family_target(args.data, args.data_dir, args.breeds_dir,
+                          c if args.data == "imagenet_c" else None, args.severity,
+                          args.train_n, args.val_per_class, args.test_per_class,
                           args.split_seed, args.image_size, args.cache_dir)
         if t["num_classes"] != num_classes:
             fix = "--ckpt imagenet needs all 1000 ImageNet classes"
             if args.ckpt != "imagenet":
                 fix = f"retrain {args.ckpt} on it"
-            raise SystemExit(f"error: {args.data_dir} has {t['num_classes']} classes but the source model "
-                             f"has {num_classes} outputs; {fix}")
+            raise SystemExit(
+                f"error: {args.data_dir} has {t['num_classes']} classes but the "
+                f"source model has {num_classes} outputs; {fix}")
         groups = t["groups"] or {}
-        if i == 0:
-            print(f"target: {args.data} from {args.data_dir}, {t['num_classes']} classes, {args.image_size} "
-                  f"px; split (seed {args.split_seed}) per {'group' if groups else 'class'}: "
-                  + ", ".join(f"{s} {t[s][1].numel():,d}" for s in ("train", "val", "test"))
+        if not said:
+            said.append(1)
+            sizes = ", ".join(f"{s} {t[s][1].numel():,d}" for s in ("train", "val", "test"))
+            print(f"target: {args.data} from {args.data_dir}, {t['num_classes']} "
+                  f"classes, {args.image_size} px; split (seed {args.split_seed}) "
+                  f"per {'group' if groups else 'class'}: {sizes}"
                   + ("; metric: worst-group accuracy" if groups else ""))
         splits = {s: tuple(v.to(dev) for v in (*t[s], *([groups[s]] if s in groups else [])))
                   for s in ("train", "val", "test")}
-        yield c, splits, t["source_test"] and tuple(v.to(dev) for v in t["source_test"])
+        src = t["source_test"] and tuple(v.to(dev) for v in t["source_test"])
+        return splits, src
+    return load
