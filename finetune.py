@@ -14,6 +14,7 @@ exists is skipped, and one that another process is running (a lock in
 One CIFAR-C corruption takes 1-5 minutes on a 2-core CPU (RESULTS.md).
 """
 import argparse
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -62,7 +63,10 @@ PROTOCOL = {
 }
 MEMO = dict(test_per_class=100, corruption="standard15")  # its table's: 100 a class
 FC_LRS = "1e-1,1e-2,1e-3"
-METHODS = ("auto_rgn", "auto_snr", "l1")  # each starts from every parameter
+# The methods, --tune name -> None (their code is below) or a function
+# (net, names) -> the names to train, picked once before the grid. Each
+# starts from every parameter.
+METHODS = {"auto_rgn": None, "auto_snr": None, "l1": None}
 SNR_THRESHOLD = {"eb": 0.95, "per_example": 0.2}  # the authors'; ours
 # The flags that change a run's numbers. A run that sets one away from its
 # --data default gets a result name tagged with them (result_path).
@@ -223,6 +227,9 @@ def method_params(args, source, train, log=print):
     """(names the run may train, names it trains, the Auto-SNR record)."""
     tune = "all" if args.tune in METHODS else args.tune
     names = model.resolve_tune(source, tune)
+    if METHODS.get(args.tune):
+        names = METHODS[args.tune](source, names)
+        return names, names, None
     norms = rgn.norm_param_names(source)  # the automatic methods skip norms
     if args.tune == "auto_snr" and args.snr == "eb":  # chosen every epoch
         names = [n for n in names if n not in norms]
@@ -452,23 +459,26 @@ def result_path(args, corruption):
     return os.path.join(args.out_dir, name + ".json")
 
 
+@contextlib.contextmanager
 def claim(path):
-    """An open lock file if this process may run path's run, else None: the
-    result exists, or another process holds the lock (a kill frees it)."""
-    if os.path.exists(path):
-        return None
+    """Yields True if this process may run path's run, False when its result
+    exists or another process holds its lock (a kill frees a lock)."""
     folder = os.path.join(os.path.dirname(path), ".locks")
     os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, os.path.basename(path)), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        return None
-    if os.path.exists(path):  # finished while we waited for the lock
-        lock.close()
-        return None
-    return lock
+    name = os.path.join(folder, os.path.basename(path))
+    with open(name, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:  # checked again under the lock: it may have finished meanwhile
+            yield not os.path.exists(path)
+        finally:  # ours removed before unlock: a later claimer makes a new one
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_ino == os.fstat(lock.fileno()).st_ino:
+                    os.remove(name)
+                os.rmdir(folder)  # only if empty
 
 
 def run(args, source, target, clean, corruption, acc_before, log=print):
@@ -532,7 +542,7 @@ def load_source(args, dev):
         raise SystemExit(f"error: no checkpoint at {args.ckpt}; use --ckpt paper "
                          "(CIFAR: the paper's model) or train one first: "
                          f"python train.py {src} --out {args.ckpt}")
-    source, meta = model.load_checkpoint(args.ckpt, dev)
+    source, ckpt = model.load_checkpoint(args.ckpt, dev)
     k = source.fc.out_features
     if args.data.startswith("cifar") and k != 10:
         raise SystemExit(f"error: {args.ckpt} has {k} outputs; CIFAR needs a "
@@ -541,7 +551,7 @@ def load_source(args, dev):
     if source.arch != args.arch and not cifar_ok:
         raise SystemExit(f"error: {args.ckpt} holds a {source.arch}; --data "
                          f"{args.data} needs a {args.arch} source")
-    return common.prepare(source, dev).eval(), meta["holdout"]
+    return common.prepare(source, dev).eval(), int(ckpt["args"].get("holdout") or 0)
 
 
 def describe(args, source):
@@ -577,11 +587,10 @@ def main(argv=None):
     print(describe(args, source))
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, c in enumerate(todo):
-        lock = claim(result_path(args, c))
-        if lock is None:
-            print(f"[{c}] skipped: done or running in another process")
-            continue
-        with lock:
+        with claim(result_path(args, c)) as mine:
+            if not mine:
+                print(f"[{c}] skipped: done or running in another process")
+                continue
             target, clean_c = load(c)
             if clean_c is not None and clean_c is not clean:  # once a split
                 clean = clean_c

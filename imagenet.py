@@ -1,5 +1,5 @@
 """
-The paper's ImageNet family (PROTOCOL section 8): ImageNet-C, Living-17 and Entity-30 (BREEDS), Waterbirds,
+The paper's ImageNet family (PROTOCOL.md section 8): ImageNet-C, Living-17 and Entity-30 (BREEDS), Waterbirds,
 CelebA, read from the user's folders (--data_dir; README "The ImageNet family") into uint8 (N,3,size,size)
 tensors.
 """
@@ -308,7 +308,7 @@ def family_source(name, root, info_dir=None, size=224, cache_dir=None, limit=0):
 
 def family_target(name, root, info_dir=None, corruption=None, severity=5, train_n=None, val_per_class=None,
                   test_per_class=None, seed=0, size=224, cache_dir=None):
-    """Target data for surgical fine-tuning (PROTOCOL section 8), decoding only the images it returns:
+    """Target data for surgical fine-tuning (PROTOCOL.md section 8), decoding only the images it returns:
     {"train"|"val"|"test": (x, y), "groups": {"val"|"test": g} or None, "source_test": (x, y) or None,
     "num_classes": K, "counts": {split: n}}. Defaults for None: imagenet_c 5 / 10 / 10 per class; living17,
     entity30 train_n 850 over the superclasses, 10 val per superclass, all test; waterbirds, celeba 100 train

@@ -405,7 +405,14 @@ def load_paper(path):
     model.load_state_dict({("norm." + k[3:] if k.startswith("bn.") else k): v
                            for k, v in raw["net"].items()})
     acc = round(100 * (1 - float(raw["err_cls"])), 2)
-    return model, {"holdout": 0, "test_acc": acc, "source": PAPER_URL}
+    return model, meta(model, {"test_acc": acc, "source": PAPER_URL})
+
+
+def meta(model, metrics, args=None):
+    """What a checkpoint says of itself, for a file that is not ours."""
+    return {"version": CKPT_VERSION, "arch": model.arch,
+            "num_classes": model.fc.out_features, "args": args or {"holdout": 0},
+            "metrics": metrics}
 
 
 def load_robustbench(state):
@@ -432,7 +439,7 @@ def is_paper_format(path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model, {"holdout", "test_acc", ...}) for one of our checkpoints, the
+    """(model, the checkpoint without its weights) for one of ours, the
     paper's file ("paper" or a copy) or a RobustBench WRN state dict."""
     if path == "paper":
         path = paper_path()
@@ -444,9 +451,9 @@ def load_checkpoint(path, device="cpu"):
     paper = is_paper_format(path)
     try:
         if paper:
-            model, meta = load_paper(path)
+            model, ckpt = load_paper(path)
         else:
-            model, meta = read_ours(path, device)
+            model, ckpt = read_ours(path, device)
     except SystemExit:
         raise
     except Exception as e:  # truncated file, wrong format, mismatched weights
@@ -459,7 +466,7 @@ def load_checkpoint(path, device="cpu"):
     if bad:  # a diverged run's file
         raise SystemExit(f"error: {path} holds non-finite weights ({bad[0]} and "
                          f"{len(bad) - 1} more): a diverged run; retrain it")
-    return model.to(device), meta
+    return model.to(device), ckpt
 
 
 def read_ours(path, device):
@@ -467,7 +474,7 @@ def read_ours(path, device):
     if isinstance(ckpt, dict) and "version" not in ckpt:  # RobustBench's
         model = load_robustbench(ckpt)
         if model is not None:
-            return model, {"holdout": 0, "test_acc": None, "source": path}
+            return model, meta(model, {"test_acc": None, "source": path})
     version = ckpt.get("version") if isinstance(ckpt, dict) else None
     if version is not None and version != CKPT_VERSION:
         raise SystemExit(
@@ -476,9 +483,8 @@ def read_ours(path, device):
             "retrain with: python train.py --out another path")
     assert version == CKPT_VERSION, "not a checkpoint dict"
     model = build_model(ckpt["arch"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    meta = {**ckpt["metrics"], "holdout": int(ckpt["args"].get("holdout") or 0)}
-    return model, meta
+    model.load_state_dict(ckpt.pop("state_dict"))
+    return model, ckpt
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """
-The paper's two automatic ways of choosing what to fine-tune (Lee et al. 2023, section 5; PROTOCOL section 6).
+The paper's two automatic ways of choosing what to fine-tune (Lee et al. 2023, section 5; PROTOCOL.md section 6).
 
 Auto-RGN: Adam with a learning rate per tensor, lr * RGN / max(RGN), where the relative gradient norm
 RGN = ||g|| / ||theta|| is averaged over `measure_steps` minibatches each epoch. A drop-in for Adam:

@@ -1,5 +1,5 @@
 """
-The paper's table (PROTOCOL section 7) and its Figure 2 as numbers, from finetune.py's JSON results.
+The paper's table (PROTOCOL.md section 7) and its Figure 2 as numbers, from finetune.py's JSON results.
 
     python table.py                          # reads results/*.json, writes results/table.md, prints it
     python table.py --results results/small  # sweep.sh runs this at its end
@@ -14,7 +14,7 @@ corruptions (CIFAR-C, IN-C) is the mean over the corruptions present. std is the
 - 1 divisor; the paper does not say which it used), "-" with one seed. Rows (finetune.py --tune): No
 Adaptation = none, Full Fine-Tuning = all, L1 Regularize = l1, Auto-SNR = auto_snr, Auto-RGN = auto_rgn;
 Cross-Val = for each (dataset, seed) the block among layer1/layer2/layer3/(layer4)/fc whose val_acc averaged
-over the column's corruptions is best (ties: that order), at its test_acc (PROTOCOL section 5). An extra row
+over the column's corruptions is best (ties: that order), at its test_acc (PROTOCOL.md section 5). An extra row
 chooses per corruption instead. "All runs" lists every tune present, blocks and method variants (finetune.py's
 non-default method flags) included. Avg Rank: in each column with data, rank Full FT, L1, Auto-SNR and
 Auto-RGN by their means rounded as printed (1 = best, ties share the better rank), then average over the
@@ -27,12 +27,11 @@ import glob
 import json
 import math
 import os
-import re
 import statistics
 from collections import Counter
 
-import common as C
-import model as M
+import common
+import model
 
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", "Entity-30": "entity30",
            # column -> finetune.py --data
@@ -40,8 +39,11 @@ COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17", 
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all", "L1 Regularize": "l1",
         "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn", "Cross-Val per corruption (extra)": "crossval_c"}
 ROW_OF = {t: row for row, t in ROWS.items()}
-# Cross-Val's candidates in tie-break order: the blocks of model.BLOCKS (layer4: ResNet-50's columns only)
-BLOCKS = tuple(M.BLOCKS["resnet50"])
+def blocks():
+    """Cross-Val's candidates in tie-break order: every block of every
+    network in model.BLOCKS, ResNet-50's order first."""
+    nets = ("resnet50", *model.BLOCKS)
+    return tuple(dict.fromkeys(b for a in nets for b in model.BLOCKS[a]))
 RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # the methods Avg Rank compares
 SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed", "batch_size", "wd",
         "lrs")
@@ -117,26 +119,26 @@ def summarize(res):
         out["grid"][col] = (sorted({c for c, _ in grid}), sorted({s for _, s in grid}))
         acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t}
                for t in {k[1] for k in rs}}
-        blocks = [b for b in BLOCKS if b in acc]  # Cross-Val chooses among the blocks this column has
+        cands = [b for b in blocks() if b in acc]  # Cross-Val: among the blocks this column has
         acc["crossval"], acc["crossval_c"], picks = {}, {}, Counter()
-        for s in sorted({s for _, s in grid}):  # PROTOCOL section 5: one block per (column, seed), by the val
+        for s in sorted({s for _, s in grid}):  # PROTOCOL.md section 5: one block per (column, seed), by the val
             # accuracy averaged over the column's corruptions that have every candidate (a part-done sweep:
             # the cell is then marked incomplete)
-            cs = [c for c, s_ in grid if s_ == s and all((c, b, s) in rs for b in blocks)]
-            if blocks and cs:
-                mean_val = {b: sum(rs[(c, b, s)]["val_acc"] for c in cs) / len(cs) for b in blocks}
-                best = max(blocks, key=lambda b: (mean_val[b], -blocks.index(b)))
+            cs = [c for c, s_ in grid if s_ == s and all((c, b, s) in rs for b in cands)]
+            if cands and cs:
+                mean_val = {b: sum(rs[(c, b, s)]["val_acc"] for c in cs) / len(cs) for b in cands}
+                best = max(cands, key=lambda b: (mean_val[b], -cands.index(b)))
                 acc["crossval"].update({(c, s): rs[(c, best, s)]["test_acc"] for c in cs})
                 picks[best] += 1
         for c, s in grid:  # the extra row: each (corruption, seed) its own choice
-            if blocks and all((c, b, s) in rs for b in blocks):
-                best = max(blocks, key=lambda b: (rs[(c, b, s)]["val_acc"], -blocks.index(b)))
+            if cands and all((c, b, s) in rs for b in cands):
+                best = max(cands, key=lambda b: (rs[(c, b, s)]["val_acc"], -cands.index(b)))
                 acc["crossval_c"][(c, s)] = rs[(c, best, s)]["test_acc"]
         out["picks"][col] = picks
         out["tunes"][col] = {t: cell(a, len(grid)) for t, a in acc.items() if not t.startswith("crossval")}
         for row, tune in ROWS.items():
             out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
-        for b in BLOCKS:  # Figure 2: paired per (corruption, seed) differences to full fine-tuning
+        for b in blocks():  # Figure 2: paired per (corruption, seed) differences to full fine-tuning
             diff = {k: v - acc["all"][k] for k, v in acc.get(b, {}).items() if k in acc.get("all", {})}
             out["fig2"][(b, col)] = cell(diff, len(grid))
         out["fig2"][("all", col)] = out["cells"][("Full Fine-Tuning", col)]
@@ -170,7 +172,7 @@ def render(res, notes, folder):
     lines += ["", "std: sample standard deviation over seeds. * = not complete: some (corruption, seed) runs "
                   "that the column has for other methods are missing here; the cell averages what there is."]
     for col, (cs, seeds) in s["grid"].items():
-        ranked = sorted(s["picks"][col].items(), key=lambda x: BLOCKS.index(x[0]))
+        ranked = sorted(s["picks"][col].items(), key=lambda x: blocks().index(x[0]))
         picks = ", ".join(f"{b} x{n}" for b, n in ranked)
         lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} corruption(s): "
                      f"{', '.join(cs)}; Cross-Val picked {picks or 'nothing'}")
@@ -192,10 +194,10 @@ def render(res, notes, folder):
               "Full "
               "Fine-Tuning itself.", "", f"| Tune | {' | '.join(data_cols)} |", "|---" * (len(data_cols) + 1)
               + "|"]
-    for b in BLOCKS + ("all",):
+    for b in blocks() + ("all",):
         lines.append(f"| {b if b != 'all' else 'all (absolute)'} | "
                      f"{' | '.join(fmt(s['fig2'][(b, c)], sign=b != 'all') for c in data_cols)} |")
-    order = ("none",) + BLOCKS + ("all", "l1", "auto_snr", "auto_rgn")
+    order = ("none",) + blocks() + ("all", "l1", "auto_snr", "auto_rgn")
     tunes = sorted({t for c in data_cols for t in s["tunes"][c]},
                    key=lambda t: (order.index(t) if t in order else len(order), t))
     lines += ["", "## All runs: every tune, absolute (blocks, comma lists, method variants)", "",
@@ -205,7 +207,7 @@ def render(res, notes, folder):
     return "\n".join(lines + unsupervised(res) + versus_paper(s, res)) + "\n"
 
 
-# The paper's cells (Lee et al. 2023, Table 1 and the unsupervised table; PROTOCOL sections 7 and 9): (mean,
+# The paper's cells (Lee et al. 2023, Table 1 and the unsupervised table; PROTOCOL.md sections 7 and 9): (mean,
 # std)
 PAPER = {("No Adaptation", "CIFAR-C"): (52.6, 0), ("Cross-Val", "CIFAR-C"): (82.8, 0.6),
          ("Full Fine-Tuning", "CIFAR-C"): (79.9, 0.7), ("L1 Regularize", "CIFAR-C"): (81.7, 0.6),
@@ -243,7 +245,7 @@ def versus_paper(s, res):
         lines.append(f"| {row} | {' | '.join(cells)} |")
     lines += ["", "Claims (each on the (corruption, seed) runs that every compared tune has):"]
     for c, want in (("CIFAR-C", "layer1"), ("CIFAR-F", "fc")):  # the best block, and not below tuning all
-        m, n = paired(res, COLUMNS[c], BLOCKS + ("all",))
+        m, n = paired(res, COLUMNS[c], blocks() + ("all",))
         if want in m and len(m) > 1:
             best = max(m, key=m.get)
             lines.append(f"- {c}: best {best} ({', '.join(f'{b} {v:.1f}' for b, v in m.items())}; {n} runs "
@@ -343,36 +345,6 @@ def unsupervised(res):
     return lines
 
 
-COPY = re.compile(r"^(<!-- table\.py: (.+?) -->\n)(.*?)^(<!-- end -->)$", re.S | re.M)  # markers: whole lines
-
-
-def sections(md):
-    """{heading text: body} of a markdown text; a body is the lines up to the next heading, blank lines at
-    either end left out."""
-    out, head = {}, None
-    for line in md.splitlines():
-        if line.startswith("#"):
-            head = line.lstrip("#").strip()
-            out[head] = []
-        elif head is not None:
-            out[head].append(line)
-    return {h: "\n".join(b).strip("\n") for h, b in out.items()}
-
-
-def fill_copies(text, md, where="the README"):
-    """text with each `<!-- table.py: words -->...<!-- end -->` copy replaced by md's section whose heading
-    starts with those words (one line of error if none or several do)."""
-    secs = sections(md)
-
-    def fill(m):
-        found = [b for h, b in secs.items() if h.startswith(m.group(2))]
-        if len(found) != 1:
-            raise SystemExit(f"error: {where} copies the table section '{m.group(2)}', but {len(found)} "
-                             f"headings start with it; headings: {'; '.join(secs)}")
-        return f"{m.group(1)}\n{found[0]}\n\n{m.group(4)}"
-    return COPY.sub(fill, text)
-
-
 def write(text, path):
     with open(path, "w") as f:
         f.write(text)
@@ -382,8 +354,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results", help="folder of finetune.py's JSON results")
     p.add_argument("--out", default="", help="markdown file to write (default <results>/table.md)")
-    p.add_argument("--readme", default="", help="also rewrite this file's copies of table sections (the "
-                   "<!-- table.py: ... --> blocks)")
     return p.parse_args(argv)
 
 
@@ -394,22 +364,10 @@ def main(argv=None):
         raise SystemExit(f"error: no finetune.py results (*.json) in {args.results}")
     md = render(res, notes, args.results)
     out = args.out or os.path.join(args.results, "table.md")
-    if args.readme:
-        if not os.path.isfile(args.readme):
-            raise SystemExit(f"error: --readme {args.readme}: no such file")
-        with open(args.readme) as f:
-            text = f.read()
-        copies = len(COPY.findall(text))
-        if not copies:
-            raise SystemExit(f"error: {args.readme} has no <!-- table.py: <heading start> --> ... "
-                             "<!-- end --> block to fill")
-        filled = fill_copies(text, md, args.readme)  # before anything is written: an error leaves both
-    C.atomic_save(md, out, write=write)  # atomic, like the results
+    common.check_writable(out, "--out")
+    common.atomic_save(md, out, write=write)
     print(md, end="")
     print(f"written to {out}")
-    if args.readme:
-        C.atomic_save(filled, args.readme, write=write)
-        print(f"{copies} table copies refreshed in {args.readme}")
     return md
 
 

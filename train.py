@@ -1,5 +1,5 @@
 """
-Source training: a model on the source distribution -> a checkpoint that finetune.py adapts (PROTOCOL section
+Source training: a model on the source distribution -> a checkpoint that finetune.py adapts (PROTOCOL.md section
 2). CIFAR needs none (finetune.py --ckpt paper uses the paper's own); this is for your own source models.
 
     python train.py              # ResNet-26 on CIFAR-10, the paper checkpoint's recipe: SGD 0.1, 75 epochs,
@@ -20,8 +20,8 @@ import common
 import data
 import model
 
-# Source-training recipes, keyed by flag name. cifar10: the paper's checkpoint (PROTOCOL section 2). The
-# others: the epochs of PROTOCOL section 8; SGD lr and wd are our choice for BREEDS (the paper does not give
+# Source-training recipes, keyed by flag name. cifar10: the paper's checkpoint (PROTOCOL.md section 2). The
+# others: the epochs of PROTOCOL.md section 8; SGD lr and wd are our choice for BREEDS (the paper does not give
 # them) and the ERM settings of Sagawa et al. 2020 for Waterbirds and CelebA, at a constant lr (milestones
 # none). Milestones None: at 2/3 and 13/15 of the epochs (50 and 65 of 75).
 RECIPES = {

@@ -1,5 +1,5 @@
 """
-Label-free adaptation on the target test images (PROTOCOL section 9), finetune.py --objective memo | entropy.
+Label-free adaptation on the target test images (PROTOCOL.md section 9), finetune.py --objective memo | entropy.
 Only images come in; the labels are read once, after every prediction is made, to score them.
 
 MEMO (Zhang, Levine, Finn 2022) as the paper ran it for its unsupervised table: for every test image, from the

@@ -48,7 +48,8 @@ def test_crop_flip_shape_dtype_and_alignment():
     x = torch.arange(1, n + 1, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
     y = torch.arange(n)
     g = torch.Generator().manual_seed(0)
-    xb, yb = next(data.batches(x, y, n, shuffle=True, augment=True, generator=g))
+    xb, yb = next(data.batches(x, y, n, shuffle=True, generator=g))
+    xb = data.crop_flip(xb, generator=g)
     assert xb.shape == (n, 3, 32, 32) and xb.dtype == torch.uint8
     # each image holds only its own value (label + 1) or the zero padding: labels stay aligned with images
     for img, label in zip(xb, yb):

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-import checkpoints as CK
+import model as CK
 import common as C
-import family
+import imagenet as family
 import finetune as FT
 import model as M
-import protocol as P
+import finetune as P
 import train as T
 from fakefolders import make_breeds_info, make_imagenet, make_imagenet_c, make_waterbirds
-from tinydata import result_file, tiny_resnet50, untagged
+from tinydata import result_file, tiny_resnet50, untagged, tune_names, one_lr
 
 
 QUIET = dict(log=lambda s: None)
@@ -55,7 +55,7 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
     assert saved["arch"] == "resnet50" and saved["num_classes"] == 2 and saved["args"]["data"] == "waterbirds"
     out = json.loads(open(result_file(tmp_path / "res", "waterbirds-clean-fc-s0.json")).read())
     assert out["metric"] == "worst-group accuracy" and out["source_acc"] is None
-    # PROTOCOL 8
+    # PROTOCOL.md section 8
     assert [h["lr"] for h in out["history"]] == [5e-3, 1e-3, 5e-4] and out["args"]["epochs"] == 1
     for h in out["history"]:
         for e in h["epochs"]:  # 4 groups of the test split: 3, 4, 2, 3 images
@@ -67,7 +67,7 @@ def test_waterbirds_source_then_surgical_fc_reports_worst_group(waterbirds, tmp_
     assert out["test_acc"] == sel["test_acc"]
     assert out["test_avg_acc"] == sel["test_avg_acc"] == res["test_avg_acc"]
     # fc: everything before the head computed once
-    assert out["prefix_stage"] == len(tiny_resnet50().stages) - 1
+    assert out["prefix_stage"] == len(M.STAGES["resnet50"]) - 1
 
 
 @pytest.mark.parametrize("tune", ["layer1", "layer3", "layer4"])
@@ -80,46 +80,45 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
     target = {"train": (x[:16], y[:16]), "val": (x[16:20], y[16:20]), "test": (x[20:], y[20:])}
     args = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "2", "--batch_size", "8",
                          "--device", "cpu"])
-    names = FT.tune_names(source, tune)
+    names = tune_names(source, tune)
     runs = []
     for cache in (True, False):
-        k = C.cache_stage(names, args, "resnet50") if cache else 0
-        splits, starts = C.cached_splits(source, target, k, args, **QUIET)
+        k = FT.cache_stage(names, args, source, target) if cache else 0
+        splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in target.items()}
         net = copy.deepcopy(source)
-        h, _ = FT.finetune(net, names, splits, 1e-2, args, start=starts)
+        h, _ = one_lr(net, names, splits, 1e-2, args, start=k)
         runs.append(h)
         before, after = source.state_dict(), net.state_dict()
         moved = {n for n in before if not torch.equal(before[n], after[n])}
         assert moved and all(n.startswith(M.BLOCKS["resnet50"][tune]) for n in moved)
         assert not any("running" in n for n in moved)  # eval mode: the statistics are the source's
-    assert (k := C.cache_stage(names, args, "resnet50")) == M.first_stage(names, "resnet50")
+    assert FT.cache_stage(names, args, source, target) == M.first_stage(names, "resnet50")
     for a, b in zip(runs[0]["epochs"][1:], runs[1]["epochs"][1:]):
         assert a["val_acc"] == b["val_acc"] and a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     # --bn train: batch statistics, so the running ones of the tuned block move and nothing is cached
     targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8",
                           "--bn", "train", "--device", "cpu"])
-    assert C.cache_stage(names, targs, "resnet50") == 0
+    assert FT.cache_stage(names, targs, source, target) == 0
     net = copy.deepcopy(source)
-    FT.finetune(net, names, target, 1e-2, targs)
+    one_lr(net, names, target, 1e-2, targs)
     moved = {n for n, v in net.state_dict().items() if not torch.equal(v, source.state_dict()[n])}
     assert any("running" in n for n in moved)
 
 
-def test_prefix_cache_budget_runs_the_rest_whole():
+def test_prefix_cache_over_budget_runs_whole():
     torch.manual_seed(0)
     source = tiny_resnet50(3).eval()
     x, y = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8), torch.arange(12) % 3
     target = {"train": (x[:4], y[:4]), "val": (x[4:8], y[4:8]), "test": (x[8:], y[8:])}
-    names = FT.tune_names(source, "layer4")
+    names = tune_names(source, "layer4")
     k = M.first_stage(names, "resnet50")
-    one = C.prefix(source, x[:1], k)
-    per_split = 4 * one.numel() * one.element_size()  # bytes of one split's cached activations
-    args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
-                         "--prefix_cache_gb", str(1.5 * per_split / 2 ** 30)])
-    splits, starts = C.cached_splits(source, target, k, args, **QUIET)
-    assert starts == {"train": k, "val": 0, "test": 0}  # train fits, then the budget is spent
-    assert splits["val"][0] is target["val"][0] and splits["train"][0].shape == (4, *one.shape[1:])
+    one = M.prefix(source, x[:1], k)
+    every = 12 * one.numel() * one.element_size()  # bytes of all splits' activations
+    for gb, want in ((every / 2 ** 30, k), (0.9 * every / 2 ** 30, 0)):
+        args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
+                             "--prefix_cache_gb", str(gb)])
+        assert FT.cache_stage(names, args, source, target) == want
 
 
 def test_living17_train_then_finetune(tmp_path):
@@ -137,7 +136,7 @@ def test_living17_train_then_finetune(tmp_path):
                           "--out_dir", str(tmp_path / "res"), *folders))
     assert res["tune"] == "layer4" and res["metric"] == "accuracy" and res["test_avg_acc"] is None
     assert 0 <= res["source_acc_before"] <= 100 and res["severity"] is None
-    assert res["args"]["wd"] == 0.0  # PROTOCOL section 8 for BREEDS
+    assert res["args"]["wd"] == 0.0  # PROTOCOL.md section 8 for BREEDS
     assert {n.split(".")[0] for n in res["trained"]["names"]} == {"layer4"}
 
 

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+import corruptions
 import data
 import finetune as FT
 import model as M
-import protocol as P
+import finetune as P
 import rgn
-from tinydata import make_images, result_file, untagged
+from tinydata import make_images, result_file, untagged, tune_names, one_lr
 
 
 pytestmark = pytest.mark.usefixtures("small_net")  # conftest.py: the narrow ResNet-26 everywhere here
@@ -46,16 +47,16 @@ def source():
 def tune(source, names, args, lr=1e-2, cache=True, l1_lambda=0.0):
     """One finetune() call as run() makes it; returns (tuned model, history entry, best state)."""
     k = M.first_stage(names) if cache else 0
-    splits = {s: (C.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     net = copy.deepcopy(source)
-    h, best = FT.finetune(net, names, splits, lr, args, start=k, l1_lambda=l1_lambda)
+    h, best = one_lr(net, names, splits, lr, args, start=k, l1_lambda=l1_lambda)
     return net, h, best
 
 
 @pytest.mark.parametrize("spec, cache", [("layer2", True), ("layer2", False), ("fc", True), ("layer1", True),
                                          ("layer2.0.,fc.", True)])
 def test_only_the_tuned_parameters_move(source, spec, cache):
-    names = FT.tune_names(source, spec)
+    names = tune_names(source, spec)
     net, h, best = tune(source, names, tiny_args("--tune", spec), cache=cache)
     assert len(h["epochs"]) == 2 and h["epochs"][1]["train_loss"] is not None
     src = dict(source.named_parameters())
@@ -73,11 +74,9 @@ def test_only_the_tuned_parameters_move(source, spec, cache):
 
 def test_prefix_list_and_blocks_resolve():
     net = M.build_model()
-    assert FT.tune_names(net, "layer1,fc") == M.resolve_tune(net, "layer1") + M.resolve_tune(net, "fc")
-    assert M.first_stage(FT.tune_names(net, "layer2.0.,fc.")) == 2 and FT.tune_names(net, "none") == []
-    assert len(FT.tune_names(net, "auto_rgn")) == len(list(net.parameters()))
-    assert P.lr_grid(tiny_args(), FT.tune_names(net, "fc.")) == [1e-1, 1e-2, 1e-3]
-    assert P.lr_grid(tiny_args(), FT.tune_names(net, "layer3,fc")) == [1e-3, 1e-4, 1e-5]
+    assert tune_names(net, "layer1,fc") == M.resolve_tune(net, "layer1") + M.resolve_tune(net, "fc")
+    assert M.first_stage(tune_names(net, "layer2.0.,fc.")) == 2 and tune_names(net, "none") == []
+    assert len(tune_names(net, "auto_rgn")) == len(list(net.parameters()))
 
 
 @pytest.mark.parametrize("spec", ["layer2", "fc"])
@@ -85,7 +84,7 @@ def test_prefix_cache_matches_plain_path(source, spec):
     # Tolerance: train/val/test losses within 1e-5 relative (only the frozen prefix's batching differs, in
     # float32 rounding); accuracies identical.
     args = tiny_args("--tune", spec, "--epochs", "2")
-    names = FT.tune_names(source, spec)
+    names = tune_names(source, spec)
     assert M.first_stage(names) > 0
     net_c, hc, _ = tune(source, names, args, cache=True)
     net_p, hp, _ = tune(source, names, args, cache=False)
@@ -103,21 +102,21 @@ def test_prefix_cache_matches_plain_path(source, spec):
 def test_kept_state_is_the_selected_epoch(source, monkeypatch):
     # Scripted val accuracies (epochs 0..4): the best, 50, comes first at epoch 2, then ties and drops. The
     # state finetune() keeps must be the model after epoch 2 exactly, not the last or a later tie.
-    vals, measure = iter([90, 30, 50, 50, 40]), C.measure
+    vals, measure = iter([90, 30, 50, 50, 40]), M.evaluate
 
     def scripted(model, split, start=0):
         m = measure(model, split, start)
         return {**m, "acc": next(vals)} if split[0] is scripted.val else m
-    names = FT.tune_names(source, "fc")
+    names = tune_names(source, "fc")
     k = M.first_stage(names)
-    splits = {s: (C.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
+    splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in tiny_splits().items()}
     scripted.val = splits["val"][0]
-    monkeypatch.setattr(C, "measure", scripted)
-    h, best = FT.finetune(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k)
+    monkeypatch.setattr(M, "evaluate", scripted)
+    h, best = one_lr(copy.deepcopy(source), names, splits, 1e-1, tiny_args("--epochs", "4"), start=k)
     assert [e["val_acc"] for e in h["epochs"]] == [90, 30, 50, 50, 40] and FT.select([h])["epoch"] == 2
     monkeypatch.undo()
     net = copy.deepcopy(source)
-    FT.finetune(net, names, splits, 1e-1, tiny_args("--epochs", "2"), start=k)
+    one_lr(net, names, splits, 1e-1, tiny_args("--epochs", "2"), start=k)
     assert all(torch.equal(best[n], p) for n, p in net.named_parameters() if n in names)
     assert not torch.equal(best["fc.weight"], source.fc.weight)
 
@@ -125,17 +124,14 @@ def test_kept_state_is_the_selected_epoch(source, monkeypatch):
 def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     # Two lrs with scripted val accuracies: lr 0.1 at epoch 1 wins (60). The clean accuracy must be measured
     # on that model, and the JSON must say so.
-    vals, evaluate, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), C.evaluate, C.measure, []
+    vals, measure, clean_fc = iter([10, 60, 40, 10, 50, 55]), M.evaluate, []
 
-    def scripted_clean(model, x, y, batch_size=1000, start=0):  # the clean split: remember which head it saw
-        clean_fc.append(model.fc.weight.detach().clone())
-        return evaluate(model, x, y, batch_size, start)
-
-    def scripted_val(model, split, start=0):
+    def scripted(model, split, start=0):
+        if len(split[0]) == 20:  # the clean split: remember which head it saw
+            clean_fc.append(model.fc.weight.detach().clone())
         m = measure(model, split, start)
         return {**m, "acc": next(vals)} if len(split[0]) == 12 else m
-    monkeypatch.setattr(C, "evaluate", scripted_clean)
-    monkeypatch.setattr(C, "measure", scripted_val)
+    monkeypatch.setattr(M, "evaluate", scripted)
     target, clean = tiny_splits(n_val=12), tiny_splits(n_train=0, n_val=0, n_test=20)["test"]
     args = tiny_args("--tune", "fc", "--lrs", "1e-1,1e-2", "--epochs", "2", "--out_dir", str(tmp_path))
     res = FT.run(args, source, target, clean, "clean", 0.0, **QUIET)
@@ -144,12 +140,12 @@ def test_run_reports_the_selected_model(source, tmp_path, monkeypatch):
     assert saved["selected"] == res["selected"]
     monkeypatch.undo()
     net = copy.deepcopy(source)
-    FT.finetune(net, FT.tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"))
+    one_lr(net, tune_names(source, "fc"), target, 0.1, tiny_args("--epochs", "1"))
     assert len(clean_fc) == 1 and torch.allclose(clean_fc[0], net.fc.weight, rtol=1e-5, atol=1e-7)
 
 
 def test_l1_penalty_keeps_weights_near_the_source(source):
-    names = FT.tune_names(source, "fc")
+    names = tune_names(source, "fc")
     args = tiny_args("--tune", "l1", "--epochs", "5")
     dist = {}
     for lam in (0.0, 1.0):
@@ -187,8 +183,8 @@ def ft_argv(tiny, out, *extra, ckpt=None):
 @pytest.fixture
 def fake_corruptions(monkeypatch):
     noise = lambda x, s, g: x + 0.1 * s * torch.randn(x.shape, generator=g, device=x.device)  # noqa: E731
-    monkeypatch.setitem(data.CORRUPTIONS, "gaussian_noise", noise)
-    monkeypatch.setitem(data.CORRUPTIONS, "shot_noise", noise)
+    monkeypatch.setitem(corruptions.CORRUPTIONS, "gaussian_noise", noise)
+    monkeypatch.setitem(corruptions.CORRUPTIONS, "shot_noise", noise)
 
 
 def test_end_to_end_flip_fc(tiny, tmp_path):
@@ -197,7 +193,7 @@ def test_end_to_end_flip_fc(tiny, tmp_path):
     path = result_file(tmp_path, "cifar_flip-clean-fc-s0.json")
     saved = json.loads(open(path).read())
     assert set(saved) == KEYS and os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left behind
-    assert saved["trained"]["params"] == 16 * 10 + 10 and saved["prefix_stage"] == M.STAGES.index("head")
+    assert saved["trained"]["params"] == 16 * 10 + 10 and saved["prefix_stage"] == list(M.STAGES["resnet26"]).index("head")
     assert [h["lr"] for h in saved["history"]] == [1e-2, 1e-3]
     assert all([e["epoch"] for e in h["epochs"]] == [0, 1, 2] for h in saved["history"])
     sel = FT.select(saved["history"])
@@ -286,12 +282,12 @@ def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monke
     # The same run with the test split scored every epoch and only at new val records: the same selection, the
     # same test accuracy, the same val curve; far fewer test passes.
     target = tiny_splits(n_val=12)
-    calls, measure = [], C.measure
+    calls, measure = [], M.evaluate
 
     def counting(model, split, start=0):
         calls.append(len(split[0]))
         return measure(model, split, start)
-    monkeypatch.setattr(C, "measure", counting)
+    monkeypatch.setattr(M, "evaluate", counting)
     out = {}
     for every in (True, False):
         calls.clear()
@@ -315,7 +311,7 @@ def test_auto_rgn_measures_at_the_epoch_start_weights(source):
     # shuffle, seed + 1) at the weights the epoch starts from, computed here by hand, before any step.
     args = tiny_args("--tune", "auto_rgn", "--epochs", "1", "--batch_size", "4")
     splits = tiny_splits()
-    names = [n for n in FT.tune_names(source, "auto_rgn") if n not in rgn.norm_param_names(source)]
+    names = [n for n in tune_names(source, "auto_rgn") if n not in rgn.norm_param_names(source)]
     net = copy.deepcopy(source)
     ps = dict(net.named_parameters())
     gm, sums = torch.Generator().manual_seed(args.seed + 1), torch.zeros(len(names))
@@ -323,7 +319,7 @@ def test_auto_rgn_measures_at_the_epoch_start_weights(source):
         grads = torch.autograd.grad(F.cross_entropy(net(x), y), [ps[n] for n in names])
         sums += torch.tensor([(g.norm() / ps[n].norm()).item() for n, g in zip(names, grads)])
     want = dict(zip(names, (sums / sums.max()).tolist()))
-    h, _ = FT.finetune(copy.deepcopy(source), FT.tune_names(source, "auto_rgn"), splits, 1e-3, args)
+    h, _ = one_lr(copy.deepcopy(source), tune_names(source, "auto_rgn"), splits, 1e-3, args)
     got = h["rgn"][0]
     for b, prefixes in M.BLOCKS["resnet26"].items():
         ms = [m for n, m in want.items() if n.startswith(prefixes)]

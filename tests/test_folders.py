@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-import family
+import imagenet as family
 from fakefolders import (make_breeds_info, make_celeba, make_imagenet, make_imagenet_c, make_waterbirds,
                          write_image)
 

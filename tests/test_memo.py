@@ -9,9 +9,9 @@ import torch
 from PIL import Image, ImageOps
 
 import finetune as FT
-import protocol as P
+import finetune as P
 import unsupervised as memo
-from tinydata import make_images, narrow_resnet26
+from tinydata import make_images, narrow_resnet26, tune_names
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def memo_args(*extra):
 @pytest.mark.parametrize("spec", ["layer1", "fc", "layer1+layer2", "none"])
 def test_each_image_is_predicted_after_its_own_step_from_the_source(source, images, spec):
     args = memo_args("--tune", spec)
-    names = FT.tune_names(source, spec)
+    names = tune_names(source, spec)
     x = images[:5]
     net = copy.deepcopy(source)
     preds, records = memo.memo(net, names, x, args, log=lambda s: None, chunk=2)
@@ -107,7 +107,8 @@ def test_each_image_is_predicted_after_its_own_step_from_the_source(source, imag
 
 
 def test_memo_needs_a_block_and_cifar_c():
-    for bad in (["--tune", "auto_rgn"], ["--tune", "l1"], ["--data", "cifar_flip"], ["--memo_copies", "0"]):
+    for bad, says in ((["--tune", "auto_rgn"], "--objective memo"), (["--tune", "l1"], "--objective memo"),
+                      (["--data", "cifar_flip"], "--objective memo"), (["--memo_copies", "0"], "--memo_copies")):
         with pytest.raises(SystemExit) as e:
             P.parse_args(["--objective", "memo", *bad])
-        assert "--objective memo" in str(e.value.code)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code)

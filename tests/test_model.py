@@ -4,7 +4,7 @@ import torch
 import model as M
 
 
-# PROTOCOL section 1: exact parameter counts of the paper's ResNet-26
+# PROTOCOL.md section 1: exact parameter counts of the paper's ResNet-26
 COUNTS = {"conv1": 432, "layer1": 18688, "layer2": 69600, "layer3": 277440, "norm": 128, "fc": 650}
 
 
@@ -58,7 +58,7 @@ def test_stages_compose_and_prefix_start():
     assert h.shape == (3, 16, 32, 32)
     assert torch.equal(net(h, start=2), net(x))
     assert M.first_stage(M.resolve_tune(net, "layer2")) == 2
-    assert M.first_stage(M.resolve_tune(net, "fc")) == len(M.STAGES) - 1
+    assert M.first_stage(M.resolve_tune(net, "fc")) == len(M.STAGES["resnet26"]) - 1
     assert M.first_stage(M.resolve_tune(net, "layer1")) == 0
 
 
@@ -108,7 +108,7 @@ def test_resnet50_matches_torchvision():
     names = M.resolve_tune(small, "layer3")
     assert M.first_stage(names, "resnet50") == 3
     assert M.first_stage(M.resolve_tune(small, "layer1"), "resnet50") == 0
-    assert M.first_stage(M.resolve_tune(small, "fc"), "resnet50") == len(small.stages) - 1
+    assert M.first_stage(M.resolve_tune(small, "fc"), "resnet50") == len(M.STAGES["resnet50"]) - 1
 
 
 def test_resnet50_weights_offline_is_one_line(monkeypatch):

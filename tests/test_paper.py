@@ -6,13 +6,14 @@ import urllib.error
 
 import numpy as np
 import pytest
+from tinydata import tune_names, one_lr
 import torch
 
-import checkpoints as CK
+import model as CK
 import common as C
 import model as M
-import protocol as P
-import wrn
+import finetune as P
+import model as wrn
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def fake_paper(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     torch.save({"err_cls": np.float64(0.0917), "err_ssh": 0, "net": state,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0]}]}}, path)
-    monkeypatch.setattr(CK, "PAPER_CKPT_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(CK, "PAPER_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     loads = []
     real_load = torch.load
 
@@ -62,18 +63,17 @@ def test_paper_downloads_once_into_the_hub_cache(fake_paper, tmp_path, monkeypat
     for _ in range(2):
         model, _ = CK.load_checkpoint("paper")
         assert same_weights(model, net)
-    assert got == [CK.PAPER_CKPT_URL]  # the second use reads the cache
+    assert got == [CK.PAPER_URL]  # the second use reads the cache
 
 
 def test_wrong_checksum_is_refused_before_unpickling(fake_paper, monkeypatch):
     path, _ = fake_paper
-    monkeypatch.setattr(CK, "PAPER_CKPT_SHA256", "0" * 64)
-    monkeypatch.setattr(CK, "_unpickle_paper",
-                        lambda *a: pytest.fail("unpickled a file of the wrong checksum"))
+    monkeypatch.setattr(CK, "PAPER_SHA256", "0" * 64)
+    monkeypatch.setattr(CK.torch, "load", lambda *a, **k: pytest.fail("unpickled a file of the wrong checksum"))
     with pytest.raises(SystemExit) as e:
         CK.load_checkpoint(str(path))
     msg = str(e.value.code)
-    assert msg.startswith("error:") and "sha256" in msg and CK.PAPER_CKPT_URL in msg and "\n" not in msg
+    assert msg.startswith("error:") and "sha256" in msg and CK.PAPER_URL in msg and "\n" not in msg
 
 
 def test_offline_with_no_copy_says_what_to_do(tmp_path, monkeypatch):
@@ -134,11 +134,11 @@ def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
     x, y = (torch.from_numpy(a) for a in make_images(48, seed=1))
     splits = {"train": (x[:32], 9 - y[:32]), "val": (x[32:40], 9 - y[32:40]), "test": (x[40:], 9 - y[40:])}
     args = P.parse_args(["--tune", "layer2", "--epochs", "1", "--batch_size", "16", "--device", "cpu"])
-    names = FT.tune_names(net, "layer2")
-    k = C.cache_stage(names, args, net.arch)
+    names = tune_names(net, "layer2")
+    k = P.cache_stage(names, args, net, splits)
     assert k == 2  # conv1 and block1 computed once: exact, BatchNorm in eval mode
     before = {n: t.clone() for n, t in net.state_dict().items()}
-    cached = {s: (C.prefix(net, a, k), b) for s, (a, b) in splits.items()}
-    FT.finetune(net, names, cached, 1e-2, args, start=k)
+    cached = {s: (M.prefix(net, a, k), b) for s, (a, b) in splits.items()}
+    one_lr(net, names, cached, 1e-2, args, start=k)
     for n, t in net.state_dict().items():  # block2's weights move; nothing else, running statistics included
         assert torch.equal(t, before[n]) != (n in names), n

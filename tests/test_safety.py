@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-import checkpoints as CK
+import model as CK
 import common as C
 import data
 import finetune as FT
 import model as M
-import protocol as P
+import finetune as P
 import table
 import train as T
 from tinydata import write_cifar

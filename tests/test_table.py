@@ -9,7 +9,7 @@ import pytest
 import table
 
 
-PAPER = {  # PROTOCOL section 7, columns in table.COLUMNS order
+PAPER = {  # PROTOCOL.md section 7, columns in table.COLUMNS order
     "all": (79.9, 50.7, 92.8, 79.3, 85.9, 88.0, 82.2),
     "l1": (81.7, 48.8, 93.4, 78.4, 84.2, 87.6, 82.6),
     "auto_snr": (80.9, 49.9, 93.5, 77.3, 17.3, 86.3, 78.5),
@@ -58,7 +58,7 @@ def test_means_stds_crossval_and_flags(cifar):
     c = s["cells"]
     assert c[("Full Fine-Tuning", "CIFAR-C")] == pytest.approx((76.0, 1.0, 3, True))  # sample std, not 0.816
     assert c[("No Adaptation", "CIFAR-C")] == (50.0, 0.0, 3, True)
-    # Cross-Val per (dataset, seed), PROTOCOL section 5: val averaged over frost and snow is layer1 60,
+    # Cross-Val per (dataset, seed), PROTOCOL.md section 5: val averaged over frost and snow is layer1 60,
     # layer2 65, layer3 10, fc 57.5 -> layer2 for the whole column, test (99 + 96) / 2 in every seed
     assert c[("Cross-Val", "CIFAR-C")] == (97.5, 0.0, 3, True) and s["picks"]["CIFAR-C"] == {"layer2": 3}
     # the extra row, per (corruption, seed): frost -> layer1 (tie on val with layer2, first wins), snow -> fc
@@ -93,7 +93,7 @@ def test_avg_rank_on_the_papers_table(tmp_path):
         for data, acc in zip(table.COLUMNS.values(), accs):
             put(str(tmp_path), data, "x", tune, 0, acc)
     res, _ = table.load(str(tmp_path))
-    ranks = table.summarize(res)["ranks"]  # PROTOCOL section 7: recomputed from the rounded cells
+    ranks = table.summarize(res)["ranks"]  # PROTOCOL.md section 7: recomputed from the rounded cells
     assert {k: round(v, 2) for k, v in ranks.items()} == {"Full Fine-Tuning": 2.43, "L1 Regularize": 2.57,
                                                           "Auto-SNR": 3.29, "Auto-RGN": 1.29}
     md = table.render(res, [], str(tmp_path))
@@ -211,55 +211,28 @@ def test_an_unset_flag_recorded_by_older_results_is_no_difference(tmp_path):
     assert "CIFAR-C results differ in wd: 0.0, 0.0001" in md  # a real difference is still named
 
 
-README = """# A project
-Words that stay, naming a marker inline: `<!-- table.py: Nothing -->` (only whole lines are markers).
-<!-- table.py: Target-test -->
-stale table
-<!-- end -->
-More words, then the figure's numbers:
-<!-- table.py: Each block -->
-<!-- end -->
-The end.
-"""
+def test_an_unwritable_out_is_one_line(cifar):
+    with pytest.raises(SystemExit) as e:
+        table.main(["--results", str(cifar), "--out", "/proc/x/table.md"])
+    assert str(e.value.code).startswith("error: --out") and "\n" not in str(e.value.code)
 
 
-def test_readme_copies_are_refreshed_and_nothing_else(cifar, capsys):
-    readme = cifar / "README.md"
-    readme.write_text(README)
-    md = table.main(["--results", str(cifar), "--readme", str(readme)])
-    new, secs = readme.read_text(), table.sections(md)
-    main, fig = (next(b for h, b in secs.items() if h.startswith(w)) for w in ("Target-test", "Each block"))
-    assert "| Full Fine-Tuning | 76.0 (1.0) |" in main and "| layer1 | +3.0 (0.5) |" in fig
-    assert new == README.replace("stale table\n", f"\n{main}\n\n").replace(
-        "figure's numbers:\n<!-- table.py: Each block -->\n",
-        f"figure's numbers:\n<!-- table.py: Each block -->\n\n{fig}\n\n")
-    assert table.fill_copies(new, md) == new  # a second run changes nothing
-    assert "2 table copies refreshed" in capsys.readouterr().out
-    assert sorted(p.name for p in cifar.glob("README.md*")) == ["README.md"]
-
-
-@pytest.mark.parametrize("text, error", [
-    ("<!-- table.py: No such heading -->\n<!-- end -->\n", "the table section 'No such heading', but 0"),
-    ("<!-- table.py: All runs -->\n<!-- end -->\n<!-- table.py: Unsupervised -->\n<!-- end -->\n",
-     "'Unsupervised', but 2 headings"),  # MEMO's and entropy's
-    ("no copies here\n", "has no <!-- table.py")])
-def test_a_bad_readme_is_one_clear_error_and_nothing_is_written(cifar, text, error):
-    for objective in ("memo", "entropy"):
-        m = {"data": "cifar_c", "corruption": "fog", "tune": "none", "seed": 0, "test_acc": 60.0,
-             "val_acc": None, "objective": objective, "args": {}}
-        (cifar / f"cifar_c-fog-none-s0-{objective}.json").write_text(json.dumps(m))
-    (cifar / "README.md").write_text(text)
-    with pytest.raises(SystemExit, match=error):
-        table.main(["--results", str(cifar), "--readme", str(cifar / "README.md")])
-    assert (cifar / "README.md").read_text() == text and not (cifar / "table.md").exists()
-
-
-def test_the_readme_shows_the_committed_results():
-    """Each table copy in README.md is what the committed results/paper JSONs render to now."""
+def test_the_documents_show_the_committed_results():
+    """results/paper/table.md is what the committed JSONs render to, and every
+    results table in README.md and RESULTS.md (a table whose header row is one
+    of table.md's) is a table of it, verbatim."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res, notes = table.load(os.path.join(here, "results", "paper"))
-    with open(os.path.join(here, "README.md")) as f:
-        text = f.read()
-    assert len(table.COPY.findall(text)) == 4
-    assert table.fill_copies(text, table.render(res, notes, "results/paper")) == text, (
-        "README.md's tables are stale: python table.py --results results/paper --readme README.md")
+    md = table.render(res, notes, "results/paper")
+    fix = "stale: python table.py --results results/paper"
+    assert open(os.path.join(here, "results", "paper", "table.md")).read() == md, fix
+    for doc in ("README.md", "RESULTS.md"):
+        blocks, block = [], []
+        for line in open(os.path.join(here, doc)).read().splitlines() + [""]:
+            if line.startswith("|"):
+                block.append(line)
+            elif block:
+                blocks.append("\n".join(block))
+                block = []
+        ours = [b for b in blocks if b.splitlines()[0] in md.splitlines()]
+        assert ours and all(b in md for b in ours), f"{doc}'s tables are {fix}"

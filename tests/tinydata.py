@@ -61,3 +61,23 @@ def result_file(folder, name):
 
 def untagged(folder):
     return sorted(untag(f) for f in os.listdir(folder))
+
+
+def tune_names(net, tune):
+    """The parameters a --tune value may train (a method: every one)."""
+    import finetune
+    import model
+    return model.resolve_tune(net, "all" if tune in finetune.METHODS else tune)
+
+
+def one_lr(net, names, splits, lr, args, start=0, l1_lambda=0.0):
+    """finetune.train_one_lr with the source's epoch 0 first, as grid() writes
+    it: (history, best state)."""
+    import finetune
+    import model
+    v, t = (model.evaluate(net, splits[s], start) for s in ("val", "test"))
+    e0 = finetune.entry(0, None, v, t, 0.0)
+    h, best = finetune.train_one_lr(net, names, splits, start, lr, args,
+                                    l1_lambda=l1_lambda)
+    h["epochs"].insert(0, e0)
+    return h, best
