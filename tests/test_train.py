@@ -11,6 +11,7 @@ import train
 from tinydata import write_cifar
 
 
+@pytest.mark.usefixtures("small_net")
 def test_smoke_run_writes_loadable_checkpoint(tmp_path, capsys):
     write_cifar(tmp_path, train_sizes=(40, 40), test_size=30)
     out = tmp_path / "ck" / "src.pt"
@@ -48,10 +49,11 @@ def test_missing_checkpoint_names_the_command(tmp_path):
         CK.load_checkpoint(str(tmp_path / "none.pt"))
 
 
-def test_bad_flag_exits_nonzero():
-    r = subprocess.run([sys.executable, "train.py", "--epochs", "-3"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode != 0 and "--epochs" in r.stderr and not r.stdout
+def test_bad_flag_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "-3"])
+    out = capsys.readouterr()
+    assert e.value.code != 0 and "--epochs" in out.err and not out.out
 
 
 def test_small_mode_defaults_and_overrides():
