@@ -5,6 +5,7 @@ how close our generated CIFAR-10-C is to the reference generator.
     python bench.py --what finetune        # seconds a run (one lr), per --tune,
                                            # prefix cache on / off
     python bench.py --what finetune --train_n 200 --val_n 20 --test_n 180
+    python bench.py --what finetune --data imagenet_c   # ResNet-50, 224 px
     python bench.py --what corruptions     # img/s of the 19 corruptions
     python bench.py --what fidelity --ref stats.json --data_dir D   # vs reference
 
@@ -29,17 +30,19 @@ import finetune
 import model
 from corruptions import CORRUPTIONS, corrupt, parse_names
 
+# one run's (train, val, test images, epochs, px, classes, net), as the protocol
+SIZES = {"cifar_c": (1000, 100, 900, 15, 32, 10, "resnet26"),
+         "imagenet_c": (5000, 10000, 10000, 10, 224, 1000, "resnet50")}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--what", default="finetune", choices=["finetune", "corruptions", "fidelity"])
+    a("--data", default="cifar_c", choices=list(SIZES), help="finetune: sizes, net")
     a("--tunes", default="none,layer1,layer2,layer3,fc,all,auto_rgn")
-    a("--train_n", type=int, default=1000)
-    a("--val_n", type=int, default=100)
-    a("--test_n", type=int, default=900)
-    a("--epochs", type=int, default=15)
+    for k in ("train_n", "val_n", "test_n", "epochs"):
+        a(f"--{k}", type=int, help="default: --data's")
     a("--data_dir", default="", help="cifar-10-batches-py's folder (corruptions: "
       "its test images instead of random ones)")
     a("--n_images", type=int, default=1017, help="corruptions: images a severity")
@@ -47,7 +50,12 @@ def parse_args(argv=None):
     a("--ref", help="fidelity: the reference statistics (JSON)")
     a("--tol", type=float, default=0.15, help="fidelity: relative tolerance on mad")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    keys = ("train_n", "val_n", "test_n", "epochs", "px", "classes", "arch")
+    for k, v in zip(keys, SIZES[args.data]):
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
 
 
 def sync(dev):
@@ -57,8 +65,8 @@ def sync(dev):
 
 def time_finetune(source, tune, splits, args, dev, cache):
     """Seconds of one lr as finetune.py runs it: the prefix, epochs, evals."""
-    fargs = finetune.parse_args(["--tune", tune, "--epochs", str(args.epochs),
-                                 "--device", dev.type])
+    fargs = finetune.parse_args(["--data", args.data, "--tune", tune, "--epochs",
+                                 str(args.epochs), "--device", dev.type])
     fargs.prefix_cache_gb = 16 if cache else 0
     names = finetune.method_params(fargs, source, splits["train"], print)[0]
     sync(dev)
@@ -72,17 +80,18 @@ def time_finetune(source, tune, splits, args, dev, cache):
 
 def bench_finetune(args, dev):
     torch.manual_seed(0)
-    source = common.prepare(model.build_model("resnet26", 10), dev).eval()
-    g = torch.Generator().manual_seed(0)
-    splits = {s: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+    source = model.build_model(args.arch, args.classes)
+    source = common.prepare(source, dev).eval()
+    g, px = torch.Generator().manual_seed(0), args.px
+    splits = {s: (torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8,
                                 generator=g).to(dev),
-                  torch.randint(0, 10, (n,), generator=g).to(dev))
+                  torch.randint(0, args.classes, (n,), generator=g).to(dev))
               for s, n in (("train", args.train_n), ("val", args.val_n),
                            ("test", args.test_n))}
     warm = {s: (x[:64], y[:64]) for s, (x, y) in splits.items()}
     time_finetune(source, "all", warm, argparse.Namespace(**{**vars(args), "epochs": 1}),
                   dev, False)
-    print(f"ResNet-26, one lr: {args.epochs} epochs on {args.train_n} images, val "
+    print(f"{args.arch}, one lr: {args.epochs} epochs on {args.train_n} images, val "
           f"{args.val_n}, test {args.test_n} at val records; {common.device_name(dev)}")
     print(f"{'tune':9s} {'params':>8s} {'cached':>7s} {'cache off':>10s} {'cache on':>9s}")
     rows = {}
