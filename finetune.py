@@ -611,5 +611,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted: nothing of the run in flight was written")
+    except KeyboardInterrupt:  # one line, the shell's code for Ctrl-C
+        print("interrupted: nothing of the run in flight was written", file=sys.stderr)
+        sys.exit(130)

@@ -353,11 +353,10 @@ PAPER_SHA256 = "272f183ab9ba6624480da6e7779ccc0ccda647b06b3c3134a1f670b142f36403
 def save_checkpoint(path, model, args, metrics):
     flags = {k: v for k, v in vars(args).items()
              if v is None or isinstance(v, (int, float, str))}
+    w = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     common.atomic_save({
-        "version": CKPT_VERSION, "arch": model.arch,
-        "num_classes": model.fc.out_features,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "args": flags, "metrics": metrics}, path)
+        "version": CKPT_VERSION, "arch": model.arch, "num_classes": model.fc.out_features,
+        "state_dict": w, "sha1": common.digest(w), "args": flags, "metrics": metrics}, path)
 
 
 def sha256(path):
@@ -482,6 +481,9 @@ def read_ours(path, device):
             f"reads version {CKPT_VERSION}; use the code that wrote it, or "
             "retrain with: python train.py --out another path")
     assert version == CKPT_VERSION, "not a checkpoint dict"
+    if ckpt.get("sha1", common.digest(ckpt["state_dict"])) != common.digest(ckpt["state_dict"]):
+        raise SystemExit(f"error: {path} fails its checksum: the file changed after it "
+                         f"was written; retrain: python train.py --out {path}")
     model = build_model(ckpt["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt.pop("state_dict"))
     return model, ckpt
