@@ -3,6 +3,7 @@ What every script shares: the device and its precision, and files written so
 that a kill at any moment, a full disk or a diverged run never leaves a
 broken or wrong file behind. Imports nothing of the project.
 """
+import argparse
 import glob
 import hashlib
 import json
@@ -13,6 +14,16 @@ import subprocess
 import tempfile
 
 import torch
+
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, defaults shown, short metavars."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=26, width=100)
+
+    def _get_default_metavar_for_optional(self, action):
+        return "X"
+
 
 CPU_BF16 = False  # bf16 autocast on the CPU too (--cpu_bf16), set by get_device
 

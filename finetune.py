@@ -78,9 +78,10 @@ NUMBER_FLAGS = (
     "memo_copies", "memo_lr")
 
 
-def parser(d="cifar_c", objective="ce"):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(d="cifar_c", objective="ce", add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help,
+                                usage="%(prog)s [--data D] [--tune T] [options]",
+                                add_help=add_help)
     a = p.add_argument_group("target data (defaults: --data's protocol)").add_argument
     a("--data", default="cifar_c", choices=list(PROTOCOL))
     a("--corruption", help="a name, a comma list or a preset: paper14, "
@@ -100,8 +101,8 @@ def parser(d="cifar_c", objective="ce"):
     a("--tune", default="layer1", help="none, layer1..layer4, fc, all, auto_rgn, "
       "auto_snr, l1, or blocks / name prefixes joined by , or +")
     a("--lrs", help=f"Adam lr grid (CIFAR fc alone: {FC_LRS})")
-    a("--epochs", type=int)
-    a("--batch_size", type=int, default=64)
+    a("--epochs", type=int, help="passes over the target training set")
+    a("--batch_size", type=int, default=64, help="Adam's")
     a("--wd", type=float, help="Adam's coupled weight decay")
     a("--bn", default="eval", choices=["eval", "train"], help="BatchNorm mode")
     a("--test_every_epoch", action="store_true",
@@ -144,7 +145,7 @@ def parser(d="cifar_c", objective="ce"):
 
 
 def parse_args(argv=None):
-    first, _ = parser().parse_known_args(argv)  # --data and --objective first
+    first, _ = parser(add_help=False).parse_known_args(argv)  # --data, --objective
     p = parser(first.data, first.objective)
     args = p.parse_args(argv)
     if args.snr_threshold is None:

@@ -48,8 +48,8 @@ DIVERGED = 10  # a step's loss above this x the first step's: diverged
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help,
+                                usage="%(prog)s [--data D] [options]")
     a = p.add_argument
     a("--data", default="cifar10", choices=list(RECIPES), help="picks the recipe")
     a("--data_dir", help="the dataset's folder (default: the recipe's)")

@@ -1,4 +1,4 @@
-"""finetune.py on tiny synthetic data (CPU, no network, nothing from /work/shared): which parameters move, the
+"""finetune.py on tiny synthetic data (CPU, no network, no dataset): which parameters move, the
 prefix cache's equivalence, the selection rule, bad input, and end-to-end runs of every --tune family."""
 import copy
 import glob
@@ -193,7 +193,8 @@ def test_end_to_end_flip_fc(tiny, tmp_path):
     path = result_file(tmp_path, "cifar_flip-clean-fc-s0.json")
     saved = json.loads(open(path).read())
     assert set(saved) == KEYS and os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left behind
-    assert saved["trained"]["params"] == 16 * 10 + 10 and saved["prefix_stage"] == list(M.STAGES["resnet26"]).index("head")
+    assert saved["trained"]["params"] == 16 * 10 + 10
+    assert saved["prefix_stage"] == list(M.STAGES["resnet26"]).index("head")
     assert [h["lr"] for h in saved["history"]] == [1e-2, 1e-3]
     assert all([e["epoch"] for e in h["epochs"]] == [0, 1, 2] for h in saved["history"])
     sel = FT.select(saved["history"])

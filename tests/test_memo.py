@@ -108,7 +108,8 @@ def test_each_image_is_predicted_after_its_own_step_from_the_source(source, imag
 
 def test_memo_needs_a_block_and_cifar_c():
     for bad, says in ((["--tune", "auto_rgn"], "--objective memo"), (["--tune", "l1"], "--objective memo"),
-                      (["--data", "cifar_flip"], "--objective memo"), (["--memo_copies", "0"], "--memo_copies")):
+                      (["--data", "cifar_flip"], "--objective memo"),
+                      (["--memo_copies", "0"], "--memo_copies")):
         with pytest.raises(SystemExit) as e:
             P.parse_args(["--objective", "memo", *bad])
         assert says in str(e.value.code) and "\n" not in str(e.value.code)
