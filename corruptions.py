@@ -1,15 +1,14 @@
 """
-The 19 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) as batched torch ops on any device.
+The 19 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) as batched
+torch ops on any device. Each is f(x, s, g): x float (N,3,32,32) in [0, 1], s
+the severity 1..5, g a torch.Generator on x's device (the only randomness).
+It returns floats on the [0, 1] scale, which corrupt() truncates to uint8 as
+the reference's np.uint8 does, or final uint8 (jpeg, pixelate). Parameters
+follow the reference generator's CIFAR settings; a comment says where we
+differ. bench.py --what fidelity measures how close we are (RESULTS.md).
 
-Each corruption is f(x, s, g): x float (N,3,32,32) in [0,1], s the severity 1..5, g a torch.Generator on
-x.device (the only source of randomness). It returns a float batch on the [0,1] scale, which data.corrupt
-clamps and truncates to uint8 like the reference's np.uint8, or a final uint8 batch (jpeg, pixelate, glass
-severity 1). Parameters and behaviour follow the reference generator's CIFAR settings; how close we are is
-measured by check_corruptions.py (README). Where we differ from it, a comment says so.
-
-Frost: the reference crops photographs of frost that cannot be shipped; we draw a procedural texture with
-their statistics. To use the photographs instead: corruptions.FROST_PHOTOS =
-corruptions.load_frost_photos(folder).
+Frost: the reference's photographs cannot be shipped, so we draw a texture
+with their statistics; FROST_PHOTOS = load_frost_photos(folder) uses them.
 """
 import functools
 import math
@@ -24,7 +23,8 @@ SHOT_NOISE = (500, 250, 100, 75, 50)
 IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)
 SPECKLE_NOISE = (0.06, 0.10, 0.12, 0.16, 0.20)
 GAUSSIAN_BLUR = (0.4, 0.6, 0.7, 0.8, 1.0)
-DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # (disk radius, anti-alias sigma)
+# (disk radius, anti-alias sigma)
+DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))
 # (sigma, iterations); max_delta is always 1
 GLASS_BLUR = ((0.05, 1), (0.25, 1), (0.4, 1), (0.25, 2), (0.4, 2))
 ZOOM_BLUR = (1.06, 1.11, 1.16, 1.21, 1.26)  # zmax of numpy.arange(1, zmax, 0.01)
@@ -34,21 +34,24 @@ SATURATE = ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))  # S <- clip(S*a
 JPEG_COMPRESSION = (80, 65, 58, 50, 40)
 PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
 MOTION = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # (radius, sigma)
-SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        # (loc, scale, zoom, thr, r, s, k)
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
-FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # (image weight, frost weight) on 0..255
+# (loc, scale, zoom, thr, r, s, k)
+SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
+# (image weight, frost weight) on 0..255
+FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))
 FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # (plasma weight, wibble decay)
-SPATTER = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
-           # (loc, scale, sigma, thr, intensity, mud)
-           (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1))
-# x image size
-ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
-# procedural frost: the reference's four photo textures (the 2nd drawn twice as often): mean RGB, share of
-# fine speckle in the texture, sparkle probability (bright dots), dark-crystal amount (dark patches)
+# (loc, scale, sigma, thr, intensity, mud)
+SPATTER = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+           (0.65, 0.3, 1, 0.69, 0.5, 0), (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+           (0.65, 0.1, 0.5, 0.68, 0.6, 1))
+ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
+           (0.1, 0.03, 0.03))  # x image size
+# procedural frost, the reference's four photos (the 2nd drawn twice as often):
+# mean RGB, share of fine speckle, sparkle probability, dark-crystal amount
 FROST_TEX = (((77, 149, 166), 0.5, 0.0, 0.0), ((201, 205, 215), 0.7, 0.0, 0.0),
              ((138, 153, 166), 0.7, 0.03, 0.0), ((112, 123, 135), 0.5, 0.0, 1.0))
-FROST_PHOTOS = None  # set to load_frost_photos(folder) to crop the reference's photographs instead
+FROST_PHOTOS = None  # load_frost_photos(folder): the reference's photographs
 
 
 # -----------------------------------------------------------------------------
@@ -59,8 +62,8 @@ def _randn(x, g):
 
 
 def _band(n, taps, mode):
-    # 1-D correlation with odd-length `taps` as an (n, n) matrix with the border folded in; modes as in scipy:
-    # "replicate" (nearest), "reflect" (d c b a | a b c d) or "reflect101" (cv2's default, d c b | a b c d)
+    # 1-D correlation with odd-length taps as an (n, n) matrix, borders folded
+    # in: "replicate", "reflect" (dcba|abcd) or "reflect101" (cv2's, dcb|abcd)
     r = (len(taps) - 1) // 2
     src = torch.arange(n)[:, None] + torch.arange(-r, r + 1)
     if mode == "replicate":
@@ -73,19 +76,19 @@ def _band(n, taps, mode):
 
 
 def _blur_matrix(n, sigma, mode):
-    # scipy's Gaussian taps: radius int(4 sigma + 0.5), computed in float64 and normalised
+    # scipy's Gaussian taps: radius int(4 sigma + 0.5), float64, normalised
     r = int(4 * sigma + 0.5)
     w = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
     return _band(n, w / w.sum(), mode)
 
 
 def _gauss_blur(x, sigma, mode="replicate"):
-    """Separable Gaussian over the last two axes, as scipy.ndimage.gaussian_filter (truncate 4) per channel.
-    mode: "replicate" (scipy 'nearest') or "reflect" (scipy 'reflect'). A zero-radius kernel returns x."""
+    """scipy.ndimage.gaussian_filter (truncate 4) over the last two axes;
+    mode "replicate" (scipy's 'nearest') or "reflect"."""
     if int(4 * sigma + 0.5) == 0:
         return x
     mh, mw = (_blur_matrix(n, sigma, mode).to(x.device, x.dtype) for n in x.shape[-2:])
-    return mh @ x @ mw.T  # two small matmuls beat tap loops and convolutions on both CPU and GPU
+    return mh @ x @ mw.T  # two small matmuls beat taps and convolutions
 
 
 def gaussian_noise(x, s, g):
@@ -112,9 +115,9 @@ def gaussian_blur(x, s, g):
 
 
 def _defocus_terms(r, a):
-    # disk of radius r on a 5x5 grid (radius <= 1.5 fits in 3x3), normalised, then cv2's 3x3 Gaussian of sigma
-    # a. The kernel is symmetric, so K = sum_i l_i u_i u_i^T with rank 1 or 2: each term is two banded
-    # matmuls.
+    # a disk of radius r on a 5x5 grid, normalised, then cv2's 3x3 Gaussian of
+    # sigma a; symmetric, so K = sum_i l_i u_i u_i^T (rank 1 or 2), each term
+    # two banded matmuls
     t = torch.arange(-2, 3, dtype=torch.float64)
     disk = (t[:, None] ** 2 + t ** 2 <= r * r).double()
     aa = torch.exp(-t[1:4] ** 2 / (2 * a * a))
@@ -135,24 +138,25 @@ def defocus_blur(x, s, g):
 def glass_blur(x, s, g):
     sigma, iters = GLASS_BLUR[s - 1]
     n, dt = x.shape[0], x.dtype
-    x = (_gauss_blur(x, sigma) * 255).to(torch.uint8)  # the reference stores this step as uint8 (truncated)
-    # The reference's scan copies x[h, w] <- x[h+dy, w+dx] (dy, dx in {-1, 0}) for h, w = 31..2; every source
-    # is still unvisited, so one iteration is one parallel gather; iterations compose into a single index map.
+    x = (_gauss_blur(x, sigma) * 255).to(torch.uint8)  # as the reference's uint8
+    # The reference's scan copies x[h, w] <- x[h+dy, w+dx] (dy, dx in {-1, 0})
+    # for h, w = 31..2; every source is unvisited yet, so an iteration is one
+    # gather, and iterations compose into one index map.
     pos = torch.arange(1024, device=x.device).expand(n, 1024)
     idx = pos
     for _ in range(iters):
         d = torch.randint(-1, 1, (n, 2, 30, 30), generator=g, device=x.device)
         src = pos.reshape(n, 32, 32).clone()
         src[:, 2:, 2:] += d[:, 0] * 32 + d[:, 1]
-        idx = idx.gather(1, src.flatten(1))  # position -> source position in the image before the first pass
+        idx = idx.gather(1, src.flatten(1))  # position -> source in the input
     x = x.flatten(2).gather(2, idx[:, None].expand(-1, 3, -1)).view(n, 3, 32, 32)
     return _gauss_blur(x.to(dt) / 255, sigma) if int(4 * sigma + 0.5) else x
 
 
 def _zoom_axis(z, n=32):
-    # scipy.ndimage.zoom(order=1) of the centre crop ch = ceil(n/z) to out = round(ch*z) pixels samples the
-    # crop at o*(ch-1)/(out-1) (align corners); the reference then keeps outputs (out-n)//2 ... onwards: (n,
-    # n) matrix
+    # scipy's zoom(order=1) of the centre crop ch = ceil(n/z) to out =
+    # round(ch*z) samples it at o*(ch-1)/(out-1); the reference keeps outputs
+    # (out-n)//2 onwards: an (n, n) matrix
     ch = math.ceil(n / z)
     out = int(round(ch * z))
     pos = (torch.arange(n, dtype=torch.float64) + (out - n) // 2) * ((ch - 1) / (out - 1))
@@ -164,9 +168,9 @@ def _zoom_axis(z, n=32):
 
 @functools.lru_cache(maxsize=None)
 def _zoom_operator(s, device):
-    # (x + sum_z A_z X A_z^T) / (1 + count) is one linear map of the 1024 pixels of a channel: the sum of
-    # Kronecker products kron(A_z, A_z) (row-major vec). One dense 1024x1024 GEMM beats per-z matmuls on CPU.
-    # numpy's float steps decide the count (7/12/16/21/26) and values
+    # (x + sum_z A_z X A_z^T) / (1 + count) is one linear map of a channel's
+    # 1024 pixels, sum_z kron(A_z, A_z): one GEMM beats per-z matmuls. numpy's
+    # float steps decide the count (7/12/16/21/26) and values
     zs = np.arange(1, ZOOM_BLUR[s - 1], 0.01)
     m = torch.eye(1024, dtype=torch.float64)
     for z in zs:
@@ -180,7 +184,7 @@ def zoom_blur(x, s, g):
 
 
 def brightness(x, s, g):
-    # HSV V <- min(V + c, 1) keeps hue and saturation, so rgb scales by V'/V; black becomes (c, c, c)
+    # HSV V <- min(V + c, 1): rgb scales by V'/V; black becomes (c, c, c)
     v = x.amax(1, keepdim=True)
     v2 = (v + BRIGHTNESS[s - 1]).clamp(max=1)
     return torch.where(v > 0, x * (v2 / v.clamp_min(1e-12)), v2)
@@ -192,8 +196,8 @@ def contrast(x, s, g):
 
 
 def saturate(x, s, g):
-    # HSV S <- clip(S*a + b): rgb = V (1 - S f) with f = (V - rgb)/(V - min) fixed by the hue. Grey pixels
-    # have hue 0 (red) in skimage, f = (0, 1, 1), so with b > 0 they turn reddish like the reference's.
+    # HSV S <- clip(S*a + b): rgb = V (1 - S f), f = (V - rgb)/(V - min) fixed
+    # by the hue. Grey has hue 0 in skimage, f = (0, 1, 1): b > 0 reddens it.
     a, b = SATURATE[s - 1]
     v, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     d = v - mn
@@ -204,16 +208,16 @@ def saturate(x, s, g):
 
 
 def jpeg_compression(x, s, g):
-    # torchvision's CPU libjpeg (baseline, 4:2:0, standard tables) is bit-identical to the reference's PIL;
-    # the codec is kept on the CPU on every device (nvjpeg rounds differently) and takes the batch as a list
-    from torchvision.io import decode_jpeg, encode_jpeg  # imported here: torchvision takes seconds to import
-    u8 = (x * 255 + 0.5).clamp(0, 255).to("cpu", torch.uint8)
-    return torch.stack(decode_jpeg(encode_jpeg(list(u8), quality=JPEG_COMPRESSION[s - 1]))).to(x.device)
+    # torchvision's CPU libjpeg is bit-identical to the reference's PIL; on the
+    # CPU on every device (nvjpeg rounds differently)
+    from torchvision.io import decode_jpeg, encode_jpeg  # slow to import
+    u8 = list((x * 255 + 0.5).clamp(0, 255).to("cpu", torch.uint8))
+    out = decode_jpeg(encode_jpeg(u8, quality=JPEG_COMPRESSION[s - 1]))
+    return torch.stack(out).to(x.device)
 
 
 def _pil_box(n_in, n_out):
-    # PIL's BOX resampling coefficients (Resample.c precompute_coeffs) in its 22-bit fixed point, (n_out,
-    # n_in)
+    # PIL's BOX coefficients (Resample.c) in its 22-bit fixed point, (out, in)
     scale = n_in / n_out
     fs = max(scale, 1.0)
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -230,9 +234,8 @@ PIXELATE_OPS = [(_pil_box(32, int(32 * c)), _pil_box(int(32 * c), 32)) for c in 
 
 
 def pixelate(x, s, g):
-    # PIL resizes horizontally then vertically, rounding half up to uint8 after each pass. Scales here are <
-    # 2, so a box holds 1 or 2 pixels, the weights are 1 or 1/2 and float32 sums are exact: bit-identical to
-    # PIL.
+    # PIL resizes across, then down, rounding half up after each pass; a box
+    # holds 1 or 2 pixels, so float32 sums are exact: bit-identical to PIL
     down, up = (m.to(x.device, torch.float32) for m in PIXELATE_OPS[s - 1])
     y = (x.float() * 255).round()
     for m in (down, up):
@@ -248,19 +251,19 @@ def _u(g, *shape, lo=-1.0, hi=1.0, dev="cpu"):  # U(lo, hi) from the generator
 
 
 def _motion_blur(x, radius, sigma, angle_deg):
-    """ImageMagick MotionBlurImage: one-sided Gaussian of w = 2 ceil(radius) + 1 taps along the angle, per
-    image."""
+    """ImageMagick's MotionBlurImage: a one-sided Gaussian of 2 ceil(radius)
+    + 1 taps along each image's angle."""
     n, c, h, w = x.shape
     taps = 2 * math.ceil(radius) + 1
     wt = [math.exp(-i * i / (2 * sigma * sigma)) for i in range(taps)]
     th = torch.deg2rad(angle_deg.double())[:, None]
     i = torch.arange(taps, device=x.device, dtype=torch.float64)
-    oy, ox = torch.ceil(i * th.sin() - 0.5).long(), torch.ceil(i * th.cos() - 0.5).long()  # (N, taps)
+    oy = torch.ceil(i * th.sin() - 0.5).long()  # (N, taps)
+    ox = torch.ceil(i * th.cos() - 0.5).long()
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     flat, out = x.reshape(n, c, h * w), torch.zeros(n, c, h * w, device=x.device, dtype=x.dtype)
-    for t in range(taps):  # tap t reads the pixel shifted by (oy, ox), edge pixels replicated
-        # far tail: moves outputs by < 1e-3 of an 8-bit level, yet costs a full gather
-        if wt[t] < 1e-6 * wt[0]:
+    for t in range(taps):  # tap t reads the pixel at (oy, ox), edges replicated
+        if wt[t] < 1e-6 * wt[0]:  # far tail: < 1e-3 of a level, a whole gather
             continue
         rows, cols = (ar_h + oy[:, t:t + 1]).clamp(0, h - 1), (ar_w + ox[:, t:t + 1]).clamp(0, w - 1)
         idx = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
@@ -278,19 +281,18 @@ def snow(x, s, g):
     n, _, h, w = x.shape
     a = _zoom_axis(z, h).to(x.device, x.dtype)
     layer = a @ (torch.randn(n, 1, h, w, generator=g, device=x.device) * scale + loc) @ a.T
-    # thresholded, stored as an 8-bit image, motion-blurred downwards-ish, read back as 8-bit (floored)
+    # thresholded, stored as 8 bits, motion-blurred downwards, read as 8 bits
     layer = (torch.where(layer < thr, 0, layer).clamp(0, 1) * 255).floor() / 255
-    # (+1e-3: a float sum of equal taps may land a hair below the integer ImageMagick would store)
-    layer = (_motion_blur(layer, r, sig, _u(g, n, lo=-135, hi=-45, dev=x.device)) * 255 + 1e-3).floor() / 255
+    layer = _motion_blur(layer, r, sig, _u(g, n, lo=-135, hi=-45, dev=x.device))
+    layer = (layer * 255 + 1e-3).floor() / 255  # +1e-3: float sums land low
     grey = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = k * x + (1 - k) * torch.maximum(x, grey * 1.5 + 0.5)  # whiten the scene a little
-    return x + layer + layer.flip(2, 3)  # the layer plus the layer rotated by 180 degrees
+    x = k * x + (1 - k) * torch.maximum(x, grey * 1.5 + 0.5)  # whiten a little
+    return x + layer + layer.flip(2, 3)  # the layer and it rotated by 180
 
 
 def load_frost_photos(folder):
-    """The reference's frost photographs, downscaled to 20% like cv2.resize(fx=fy=0.2) (bilinear, no
-    antialias), as (3,H,W) float 0..255 tensors. The reference draws randint(5), so frost6.jpg is never used
-    and not loaded."""
+    """The reference's frost photos at 20% as cv2.resize(fx=fy=0.2), (3,H,W)
+    floats 0..255 (it draws randint(5): frost6.jpg is never used)."""
     from torchvision.io import ImageReadMode, read_image
     names = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
     ims = [read_image(os.path.join(folder, f), ImageReadMode.RGB).float()[None] for f in names]
