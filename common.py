@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -26,6 +27,15 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 
 
 CPU_BF16 = False  # bf16 autocast on the CPU too (--cpu_bf16), set by get_device
+
+
+def run(main, said="nothing of the run in flight was written"):
+    """A script's entry point: Ctrl-C is one line and exit 130, as shells do."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"interrupted: {said}", file=sys.stderr)
+        sys.exit(130)
 
 
 def get_device(name="auto", cpu_bf16=False):
@@ -132,13 +142,18 @@ def code_version(where=os.path.dirname(os.path.abspath(__file__))):
 # -----------------------------------------------------------------------------
 # atomic files: a reader (or a kill -9) sees the old file or the new one
 
-def atomic_save(obj, path, write=torch.save):
+def atomic_save(obj, path, write=None):
     """write(obj, a temp file), then rename it to path. Temp files of killed
     writers next to path are removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(obj, tmp)
-    os.replace(tmp, path)
+    tmp, write = f"{path}.tmp{os.getpid()}", write or torch.save
+    try:
+        write(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no temp file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     for f in glob.glob(glob.escape(path) + ".tmp*"):
         pid = f.rsplit(".tmp", 1)[1]
         if pid.isdigit() and not alive(int(pid)):

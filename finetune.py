@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -296,12 +295,14 @@ def entry(epoch, train_loss, v, t, t0):
     return {**e, "seconds": time.time() - t0}
 
 
-def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0):
+def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0,
+                 on_epoch=None):
     """Train net's named parameters in place at lr for args.epochs. splits:
     {split: (x, y[, groups])} on the device, x the input of stage k (the
     frozen stages before it ran once). Test is scored only where val beats
     best_val, the best of the grid so far: the only places selection can
-    land. Returns (history, {name: tensor} at this lr's best val epoch)."""
+    land. on_epoch(history entry): progress. Returns (history, {name:
+    tensor} at this lr's best val epoch)."""
     dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batches
@@ -347,6 +348,8 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0):
             t = model.evaluate(net, splits["test"], k)
         best_val = max(best_val, v["acc"])
         hist["epochs"].append(entry(epoch, tot / len(xtr), v, t, t0))
+        if on_epoch:
+            on_epoch(hist["epochs"][-1])
         if v["acc"] > top:  # strictly: ties keep the earlier epoch
             top = v["acc"]
             best = {n: p.detach().clone() for n, p in net.named_parameters()
@@ -405,9 +408,18 @@ def grid(args, source, names, target, log):
     history, states, best_val = [], [], -1.0
     if not todo:  # tune none: the source is the result
         history, states = [{"lr": None, "lambda": None, "epochs": [epoch0]}], [{}]
+    said = [time.time()]
+
+    def progress(e, j):  # a line every 10 s or so: where, and the ETA
+        done, total = j * args.epochs + e["epoch"], len(todo) * args.epochs
+        if time.time() - said[0] >= 10 and done < total:
+            eta = common.fmt_time((time.time() - t0) / done * (total - done))
+            log(f"lr {j + 1}/{len(todo)}, epoch {e['epoch']}/{args.epochs} | val "
+                f"{e['val_acc']:.1f}% | ETA {eta}")
+            said[0] = time.time()
     for j, (lr, lam) in enumerate(todo):
         h, best = train_one_lr(copy.deepcopy(source), names, splits, k, lr, args,
-                               best_val, lam)
+                               best_val, lam, lambda e, j=j: progress(e, j))
         h["epochs"].insert(0, epoch0)
         best_val = max([best_val] + [e["val_acc"] for e in h["epochs"][1:]])
         history.append(h)
@@ -610,8 +622,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # one line, the shell's code for Ctrl-C
-        print("interrupted: nothing of the run in flight was written", file=sys.stderr)
-        sys.exit(130)
+    common.run(main)

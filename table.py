@@ -48,9 +48,9 @@ def settings(r):
 
 def load(folder):
     """{(data, corruption, tune, seed): result} and notes on skipped files.
-    Per --data the protocol's results (or else the commonest settings) fill
-    the rows; a method variant or other settings get a tune of their own,
-    e.g. "all[lrs=...]"; memo / entropy a data of their own."""
+    Only the protocol's runs fill the paper's rows: a method variant or other
+    settings get a tune of their own, named by them ("all[lrs=...]"), and no
+    verdict; memo / entropy a data of their own."""
     rs, notes = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
@@ -68,14 +68,10 @@ def load(folder):
             notes.append(f"skipped {path}: its test_acc {acc!r} is not a finite number")
             continue
         rs.append((path, r))
-    main = {}
-    for d in {r["data"] for _, r in rs}:
-        seen = Counter(settings(r) for _, r in rs if r["data"] == d)
-        main[d] = "" if "" in seen else seen.most_common(1)[0][0]
     res = {}
     for path, r in rs:
         tags = [r["variant"]] if r.get("variant") else []
-        tags += [settings(r)] if settings(r) != main[r["data"]] else []
+        tags += [settings(r)] if settings(r) else []
         r["main_settings"] = not tags
         tune = r["tune"] + "".join(f"[{g}]" for g in tags)
         data = r["data"]
@@ -247,10 +243,13 @@ def versus_paper(s, res):
         m, n = paired(res, COLUMNS[c], blocks() + ("all",))
         if want in m and len(m) > 1:
             each = ", ".join(f"{b} {v:.1f}" for b, v in m.items())
+
+            def best(m, want=want):  # on the printed values: a tie is a tie
+                top = max(round(v, 1) for b, v in m.items() if b != want)
+                return above(round(m[want], 1), top)
             lines.append(f"- {c}: best {max(m, key=m.get)} ({each}; {n} runs each); the "
                          f"paper: {want}, above every other block and full fine-tuning -> "
-                         + settle(res, COLUMNS[c], tuple(m),
-                                  lambda m: max(m, key=m.get) == want))
+                         + settle(res, COLUMNS[c], tuple(m), best))
     runs = [(c, "") for c in cols]  # then again under each variation run
     runs += [(c, t) for c in cols for t in sorted(
         {k[2][k[2].index("["):] for k in res if k[0] == COLUMNS[c] and "[" in k[2]})]
@@ -281,20 +280,25 @@ def against_all(res, column, tag, tune):
 
     def ok(m):
         x, y = round(m[a], 1), round(m[b], 1)
-        return x >= y if rgn else x > y
+        return x >= y if rgn else above(x, y)
     return [f"- {column}{tag}: {name} {m[a]:.1f} vs full fine-tuning {m[b]:.1f} ({n} "
             f"runs each); the paper: {want} -> " + settle(res, COLUMNS[column], (a, b), ok)]
 
 
+def above(x, y):
+    """True, False, or None for a tie."""
+    return None if x == y else x > y
+
+
 def settle(res, data, tunes, ok):
-    """"holds" or "fails" by ok({tune: mean}) on the runs every tune has, and
-    with several seeds each seed's own word: "holds (seed 0 holds, ...)"."""
+    """"holds", "fails" or "ties" by ok({tune: mean}) on the runs every tune
+    has, and with several seeds each seed's own: "ties (seed 0 holds, ...)"."""
     m, _ = paired(res, data, tunes)
-    word = {True: "holds", False: "fails"}
+    word = {True: "holds", False: "fails", None: "ties"}
     seeds = sorted({k[3] for k in res if k[0] == data})
     per = [(s, paired(res, data, tunes, seed=s)[0]) for s in seeds]
-    per = [f"seed {s} {word[bool(ok(ms))]}" for s, ms in per if len(ms) == len(m)]
-    return word[bool(ok(m))] + (f" ({', '.join(per)})" if len(per) > 1 else "")
+    per = [f"seed {s} {word[ok(ms)]}" for s, ms in per if len(ms) == len(m)]
+    return word[ok(m)] + (f" ({', '.join(per)})" if len(per) > 1 else "")
 
 
 def paired(res, data, tunes, seed=None):
@@ -372,4 +376,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

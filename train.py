@@ -15,7 +15,6 @@ not finite or above 10x the first step's: the existing --out stays as it is.
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -233,9 +232,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # one line, the shell's code for Ctrl-C
-        print("interrupted: the last finished epoch is in <out>.state (--resume "
-              "continues it)", file=sys.stderr)
-        sys.exit(130)
+    common.run(main, "the last finished epoch is in <out>.state "
+                     "(--resume continues it)")
