@@ -28,7 +28,8 @@ import common
 import data
 import finetune
 import model
-from corruptions import CORRUPTIONS, corrupt, parse_names
+from corruptions import CORRUPTIONS
+from data import corrupt, parse_names
 
 # one run's (train, val, test images, epochs, px, classes, net), as the protocol
 SIZES = {"cifar_c": (1000, 100, 900, 15, 32, 10, "resnet26"),
@@ -71,7 +72,7 @@ def time_finetune(source, tune, splits, args, dev, cache):
     names = finetune.method_params(fargs, source, splits["train"], print)[0]
     sync(dev)
     t0 = time.time()
-    k = finetune.cache_stage(names, fargs, source, splits)
+    k = model.frozen_stages(source, names, splits, fargs.prefix_cache_gb, fargs.bn == "train")
     cached = {s: (model.prefix(source, x, k), y) for s, (x, y) in splits.items()}
     finetune.train_one_lr(copy.deepcopy(source), names, cached, k, 1e-3, fargs)
     sync(dev)

@@ -4,6 +4,8 @@ that a kill at any moment, a full disk or a diverged run never leaves a
 broken or wrong file behind. Imports nothing of the project.
 """
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -161,6 +163,28 @@ def atomic_save(obj, path, write=None):
                 os.remove(f)
             except OSError:
                 pass  # another cleaner got there first
+
+
+@contextlib.contextmanager
+def claim(path):
+    """Yields True if this process may make path, False when it exists or
+    another process holds its lock (<folder>/.locks/<name>; a kill frees it)."""
+    folder = os.path.join(os.path.dirname(path), ".locks")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.join(folder, os.path.basename(path))
+    with open(name, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:  # checked again under the lock: it may have finished meanwhile
+            yield not os.path.exists(path)
+        finally:  # ours removed before unlock: a later claimer makes a new one
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_ino == os.fstat(lock.fileno()).st_ino:
+                    os.remove(name)
+                os.rmdir(folder)  # only if empty
 
 
 def alive(pid):

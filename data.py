@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import common
-from corruptions import corrupt, parse_names
+import corruptions
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -91,6 +91,49 @@ def save_cache(obj, path):
     except OSError as e:
         print(f"warning: cannot write the cache {path} ({e.strerror}); going on "
               "without it")
+
+
+# -----------------------------------------------------------------------------
+# the corruptions' names (corruptions.py registers the functions)
+
+# The paper's 14 (its Table 1 CIFAR-C column) and the standard 15 of
+# Hendrycks & Dietterich (the unsupervised table's): fixed lists, so a new
+# corruption joins neither.
+PAPER14 = ("frost", "gaussian_blur", "gaussian_noise", "glass_blur", "impulse_noise",
+           "jpeg_compression", "motion_blur", "pixelate", "saturate", "shot_noise",
+           "snow", "spatter", "speckle_noise", "zoom_blur")
+STANDARD15 = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+              "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog",
+              "brightness", "contrast", "elastic_transform", "pixelate",
+              "jpeg_compression")
+
+
+def parse_names(spec, presets=None, valid=None, what="corruption"):
+    """A preset, one name or a comma list -> tuple of names; one line for an
+    unknown name. Default: the CIFAR-10-C registry, presets paper14,
+    standard15 and all (every registered corruption)."""
+    valid = valid or tuple(sorted(corruptions.CORRUPTIONS))
+    presets = presets or {"paper14": PAPER14, "standard15": STANDARD15, "all": valid}
+    names = presets.get(spec) or tuple(n for n in spec.split(",") if n)
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise SystemExit(f"error: unknown {what} {','.join(bad) or spec!r}; valid: "
+                         f"{', '.join(presets)} or any of {', '.join(valid)}")
+    return names
+
+
+def corrupt(x, name, severity, seed=0, generator=None):
+    """Corrupt a uint8 batch (N,3,32,32) on its device; the same (seed, name,
+    severity) gives the same images on the same device. uint8 out,
+    truncated like the reference's np.uint8."""
+    parse_names(name)
+    if severity not in range(1, 6):
+        raise SystemExit(f"error: severity {severity} is outside 1..5")
+    g = generator or torch.Generator(device=x.device).manual_seed(seed)
+    out = corruptions.CORRUPTIONS[name](x.float() / 255, severity, g)
+    if out.dtype == torch.uint8:
+        return out
+    return (out.clamp(0, 1) * 255).floor().to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------

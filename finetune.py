@@ -1,22 +1,18 @@
 """
-Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted
-target by training one block (or what an automatic method picks), select lr
-and epoch on target validation, report target test accuracy.
+Surgical fine-tuning (Lee et al. 2023): adapt a source model to a shifted target by training
+one block (or what a method picks), select lr and epoch on target val, report target test.
 
     python finetune.py --data cifar_c --tune layer1      # the paper's 14 corruptions
     python finetune.py --data cifar_flip --tune fc       # labels y -> 9 - y
     python finetune.py --tune auto_rgn                   # or auto_snr, l1
     python finetune.py --objective memo --tune layer1    # label-free (unsupervised.py)
 
-One JSON per (data, corruption, tune, seed) in --out_dir. A run whose result
-exists is skipped, and one that another process is running (a lock in
-<out_dir>/.locks) too, so sweep.sh is plain loops and a killed sweep resumes.
-One CIFAR-C corruption takes 1-5 minutes on a 2-core CPU (RESULTS.md).
+One JSON per (data, corruption, tune, seed) in --out_dir. A run whose result exists, or
+that another process runs (a lock in <out_dir>/.locks), is skipped: sweep.sh is plain loops
+and a killed sweep resumes. A CIFAR-C corruption: 1-5 minutes on a 2-core CPU (RESULTS.md).
 """
 import argparse
-import contextlib
 import copy
-import fcntl
 import hashlib
 import itertools
 import json
@@ -27,54 +23,48 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
 import data
 import model
 import rgn
 import unsupervised
 
-# -----------------------------------------------------------------------------
-# The protocol per target dataset (PROTOCOL.md sections 4, 5 and 8), keyed by
-# flag name: the defaults of the flags. *_per_class are per group for
-# waterbirds / celeba; test_per_class 0 = all the rest; imagenet_c's train_n
-# None = 5 a class. The CIFAR head alone takes larger steps: FC_LRS.
-CIFAR = dict(arch="resnet26", train_n=1000, val_per_class=10, test_per_class=90,
-             epochs=15, lrs="1e-3,1e-4,1e-5", wd=1e-4, ckpt="paper", data_dir="data")
-BREEDS = dict(arch="resnet50", train_n=850, val_per_class=10, test_per_class=0,
-              epochs=15, lrs="5e-4,1e-4,1e-5", wd=0.0, corruption="clean",
-              data_dir="data/imagenet")
-GROUPS = dict(arch="resnet50", train_n=400, val_per_class=30, test_per_class=0,
-              wd=1e-4, corruption="clean")
+# The protocol per target dataset (PROTOCOL.md sections 4, 5, 8), keyed by flag name: the
+# flags' defaults. *_per_class: per group for waterbirds / celeba; test_per_class 0: all the
+# rest; imagenet_c's train_n None: 5 a class. The CIFAR head alone takes FC_LRS.
+CIFAR = dict(arch="resnet26", train_n=1000, val_per_class=10, test_per_class=90, epochs=15,
+             lrs="1e-3,1e-4,1e-5", wd=1e-4, ckpt="paper", data_dir="data")
+BREEDS = dict(arch="resnet50", train_n=850, val_per_class=10, test_per_class=0, epochs=15,
+              lrs="5e-4,1e-4,1e-5", wd=0.0, corruption="clean", data_dir="data/imagenet")
+GROUPS = dict(arch="resnet50", train_n=400, val_per_class=30, test_per_class=0, wd=1e-4,
+              corruption="clean")
 PROTOCOL = {
     "cifar_c": dict(CIFAR, corruption="paper14"),
     "cifar_flip": dict(CIFAR, corruption="clean"),
-    "imagenet_c": dict(arch="resnet50", train_n=None, val_per_class=10,
-                       test_per_class=10, epochs=10, lrs="1e-3,1e-4,1e-5", wd=1e-4,
-                       corruption="paper15", ckpt="imagenet",
-                       data_dir="data/imagenet-c"),
+    "imagenet_c": dict(arch="resnet50", train_n=None, val_per_class=10, test_per_class=10,
+                       epochs=10, lrs="1e-3,1e-4,1e-5", wd=1e-4, corruption="paper15",
+                       ckpt="imagenet", data_dir="data/imagenet-c"),
     "living17": dict(BREEDS, ckpt="ckpt/living17.pt"),
     "entity30": dict(BREEDS, ckpt="ckpt/entity30.pt"),
-    "waterbirds": dict(GROUPS, epochs=100, lrs="5e-3,1e-3,5e-4",
-                       ckpt="ckpt/waterbirds.pt",
+    "waterbirds": dict(GROUPS, epochs=100, lrs="5e-3,1e-3,5e-4", ckpt="ckpt/waterbirds.pt",
                        data_dir="data/waterbird_complete95_forest2water2"),
     "celeba": dict(GROUPS, epochs=50, lrs="1e-3,5e-4,1e-4", ckpt="ckpt/celeba.pt",
                    data_dir="data"),
 }
 MEMO = dict(test_per_class=100, corruption="standard15")  # its table's: 100 a class
 FC_LRS = "1e-1,1e-2,1e-3"
-# The methods, --tune name -> None (their code is below) or a function
-# (net, names) -> the names to train, picked once before the grid. Each
-# starts from every parameter.
+# The methods: --tune name -> None (their code is below) or a function (net, names) -> the
+# names to train, picked once before the grid. Each starts from every parameter.
 METHODS = {"auto_rgn": None, "auto_snr": None, "l1": None}
 SNR_THRESHOLD = {"eb": 0.95, "per_example": 0.2}  # the authors'; ours
-# The flags that change a run's numbers. A run that sets one away from its
-# --data default gets a result name tagged with them (result_path).
-NUMBER_FLAGS = (
-    "severity", "corruption_seed", "train_n", "val_per_class", "test_per_class",
-    "split_seed", "cifar10c_dir", "lrs", "epochs", "batch_size", "wd",
-    "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "bn", "image_size",
-    "ent_lr", "ent_steps", "ent_batch_size", "episodic", "ent_copies",
-    "memo_copies", "memo_lr")
+# The flags that change a run's numbers: one set away from its --data default tags the
+# result's name (result_path).
+NUMBER_FLAGS = ("severity", "corruption_seed", "train_n", "val_per_class", "test_per_class",
+                "split_seed", "cifar10c_dir", "lrs", "epochs", "batch_size", "wd",
+                "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "bn", "image_size",
+                "ent_lr", "ent_steps", "ent_batch_size", "episodic", "ent_copies",
+                "memo_copies", "memo_lr")
 
 
 def parser(d="cifar_c", objective="ce", add_help=True):
@@ -83,8 +73,7 @@ def parser(d="cifar_c", objective="ce", add_help=True):
                                 add_help=add_help)
     a = p.add_argument_group("target data (defaults: --data's protocol)").add_argument
     a("--data", default="cifar_c", choices=list(PROTOCOL))
-    a("--corruption", help="a name, a comma list or a preset: paper14, "
-      "standard15, all; imagenet_c: paper15, all19")
+    a("--corruption", help="a name, a list or paper14, standard15, all (imagenet_c: paper15)")
     a("--severity", type=int, default=5, choices=range(1, 6))
     a("--corruption_seed", type=int, default=0, help="the corruptions' randomness")
     a("--train_n", type=int, help="target training images")
@@ -97,34 +86,29 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--cifar10c_dir", default="", help="read the official CIFAR-10-C here")
     a("--cache_dir", default="data/cache", help="decoded / corrupted tensors")
     a = p.add_argument_group("fine-tuning").add_argument
-    a("--tune", default="layer1", help="none, layer1..layer4, fc, all, auto_rgn, "
-      "auto_snr, l1, or blocks / name prefixes joined by , or +")
+    a("--tune", default="layer1", help="none, a block, all, a method, or blocks / prefixes: "
+      "layer1+layer2, layer2.0.,fc.")
     a("--lrs", help=f"Adam lr grid (CIFAR fc alone: {FC_LRS})")
     a("--epochs", type=int, help="passes over the target training set")
     a("--batch_size", type=int, default=64, help="Adam's")
     a("--wd", type=float, help="Adam's coupled weight decay")
     a("--bn", default="eval", choices=["eval", "train"], help="BatchNorm mode")
-    a("--test_every_epoch", action="store_true",
-      help="score test every epoch, not only at val records (same result)")
-    a("--prefix_cache_gb", type=float, default=16,
-      help="memory for the frozen stages' output, run once; 0: none")
+    a("--test_every_epoch", action="store_true", help="test every epoch (same result)")
+    a("--prefix_cache_gb", type=float, default=16, help="for the frozen stages' output")
     a = p.add_argument_group("automatic methods (rgn.py)").add_argument
     a("--l1_lambdas", default="1e-5,1e-4,1e-3", help="l1: lambda grid")
     a("--rgn_measure", default="before", choices=["before", "train"],
-      help="auto_rgn: 5 extra batches at the epoch-start weights (the "
-      "authors'), or the epoch's first 5")
+      help="auto_rgn: 5 batches at the epoch's start (the authors'), or its first 5")
     a("--rgn_keep_state", action="store_true", help="auto_rgn: keep Adam's moments")
     a("--rgn_include_norm", action="store_true", help="auto_rgn: train norms too")
-    a("--snr", default="eb", choices=["eb", "per_example"],
-      help="auto_snr: the authors' criterion, per epoch, or ours, once")
+    a("--snr", default="eb", choices=["eb", "per_example"], help="the authors', or ours")
     a("--snr_threshold", type=float, help=f"auto_snr: {SNR_THRESHOLD}")
     a("--snr_n", type=int, default=128, help="auto_snr per_example: images")
     a = p.add_argument_group("label-free (unsupervised.py)").add_argument
     a("--objective", default="ce", choices=["ce", "memo", "entropy"])
     a("--memo_copies", type=int, default=32, help="AugMix copies an image")
     a("--memo_lr", type=float, default=0.005, help="MEMO's SGD step")
-    # TENT's CIFAR setting: Adam 1e-3, no weight decay, one step a batch. One
-    # lr for every --tune: without labels there is no val to choose it on.
+    # TENT's CIFAR setting. One lr for every --tune: without labels, no val to choose on.
     a("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr")
     a("--ent_steps", type=int, default=1, help="entropy: steps a batch")
     a("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
@@ -132,8 +116,7 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--ent_copies", type=int, default=0, help="entropy: N crop+flip copies")
     a = p.add_argument_group("run").add_argument
     a("--ckpt", help="source: paper (downloaded once), imagenet, or a path")
-    a("--weights", default="imagenet", choices=["imagenet", "none"],
-      help="--ckpt imagenet: torchvision's weights or random (tests)")
+    a("--weights", default="imagenet", choices=["imagenet", "none"], help="--ckpt imagenet's")
     a("--seed", type=int, default=0, help="batch order and the rest")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU (AMX)")
@@ -149,13 +132,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.snr_threshold is None:
         args.snr_threshold = SNR_THRESHOLD[args.snr]
-    args.changed = {k: getattr(args, k) for k in NUMBER_FLAGS
-                    if getattr(args, k) != p.get_default(k)}
+    args.changed = {k: v for k in NUMBER_FLAGS if (v := getattr(args, k)) != p.get_default(k)}
     if args.changed.get("snr_threshold") == SNR_THRESHOLD[args.snr]:
         del args.changed["snr_threshold"]
-    if "ckpt" in args.changed and os.path.isfile(args.ckpt):
-        if model.sha256(args.ckpt) == model.PAPER_SHA256:  # a copy of the paper's
-            del args.changed["ckpt"]
+    if "ckpt" in args.changed and checkpoints.is_paper_copy(args.ckpt):
+        del args.changed["ckpt"]  # the paper's model, from a local copy
     check(args)
     return args
 
@@ -173,19 +154,17 @@ def check(args):
                 math.isfinite(v) and v > 0 for v in rates):
             bad.append("--lrs and --l1_lambdas must list finite numbers > 0")
     except ValueError:
-        bad.append(f"--lrs {args.lrs!r} and --l1_lambdas {args.l1_lambdas!r} must "
-                   "be comma lists of numbers")
+        bad.append(f"--lrs {args.lrs!r} and --l1_lambdas {args.l1_lambdas!r} must be lists")
     least = (args.epochs, args.batch_size, args.val_per_class, args.train_n or 1,
              args.snr_n - 1, args.memo_copies, args.ent_steps, args.ent_batch_size)
     if min(least) < 1:
-        bad.append("--epochs, --batch_size, --train_n, --val_per_class, "
-                   "--memo_copies, --ent_steps and --ent_batch_size must be at "
-                   "least 1, --snr_n at least 2")
+        bad.append("--epochs, --batch_size, --train_n, --val_per_class, --memo_copies, "
+                   "--ent_steps, --ent_batch_size must be at least 1, --snr_n 2")
     finite = (args.wd, args.snr_threshold, args.memo_lr, args.ent_lr)
     if (min(args.test_per_class, args.wd, args.ent_copies, args.ent_lr) < 0
             or not all(math.isfinite(v) for v in finite) or args.memo_lr <= 0):
-        bad.append("--test_per_class, --wd, --ent_copies and --ent_lr must be "
-                   ">= 0, --memo_lr > 0, all finite")
+        bad.append("--test_per_class, --wd, --ent_copies, --ent_lr must be >= 0, "
+                   "--memo_lr > 0, all finite")
     if not args.corruption:
         bad.append("--corruption is empty; give a name, a list or a preset")
     if args.data not in ("cifar_c", "imagenet_c") and args.corruption != "clean":
@@ -193,21 +172,12 @@ def check(args):
     if args.objective == "entropy" and args.tune in ("auto_snr", "l1"):
         bad.append("--objective entropy cannot run auto_snr or l1 (they use labels)")
     if args.objective == "memo" and (args.tune in METHODS or args.data != "cifar_c"):
-        bad.append("--objective memo needs --data cifar_c and a block or prefix "
-                   "list as --tune")
+        bad.append("--objective memo needs --data cifar_c and blocks as --tune")
     if bad:
         raise SystemExit("error: " + "; ".join(bad))
     corruptions(args)  # an unknown name fails now
     if args.tune not in METHODS:  # a --tune matching nothing fails now
-        model.resolve_tune(probe(args.arch), args.tune)
-
-
-def probe(arch, nets={}):
-    """A random net of arch, built once: its parameter names check --tune."""
-    key = (arch, model.ARCHS[arch])
-    if key not in nets:
-        nets[key] = model.ARCHS[arch]()
-    return nets[key]
+        model.resolve_tune(model.probe(args.arch), args.tune)
 
 
 def corruptions(args):
@@ -219,9 +189,7 @@ def corruptions(args):
     return ["clean"]
 
 
-# -----------------------------------------------------------------------------
-# The methods side by side: which tensors a run may train (before the grid),
-# and the optimizer of each epoch.
+# The methods side by side: what a run may train (before the grid), each epoch's optimizer
 
 def method_params(args, source, train, log=print):
     """(names the run may train, names it trains, the Auto-SNR record)."""
@@ -238,12 +206,10 @@ def method_params(args, source, train, log=print):
         x, y = train[:2]
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(x), generator=g)[:args.snr_n].to(x.device)
-        scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx],
-                                names, chunk_size=32)
+        scores = rgn.snr_scores(source.eval(), F.cross_entropy, x[idx], y[idx], names, 32)
         names = rgn.snr_select(scores, args.snr_threshold)
         blocks = ", ".join(sorted({n.split(".")[0] for n in names}))
-        log(f"auto_snr: {len(names)}/{len(scores)} tensors at or above "
-            f"{args.snr_threshold}: {blocks}")
+        log(f"auto_snr: {len(names)}/{len(scores)} tensors >= {args.snr_threshold}: {blocks}")
         return names, names, {"criterion": "per_example", "scores": scores,
                               "threshold": args.snr_threshold, "selected": names}
     if args.tune == "auto_rgn" and not args.rgn_include_norm:
@@ -255,12 +221,11 @@ def method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps)
     """The optimizer for the next epoch (None: nothing trains in it)."""
     if args.tune == "auto_rgn":  # Adam, a rate per tensor: lr * RGN / max RGN
         if opt is None:
-            opt = rgn.AutoRGN(
-                [(n, p) for n, p in net.named_parameters() if p.requires_grad],
-                lr, args.wd, keep_state=args.rgn_keep_state,
-                steps_per_epoch=None if args.rgn_measure == "before" else steps,
-                include_norm=args.rgn_include_norm,
-                norm_names=rgn.norm_param_names(net))
+            named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+            opt = rgn.AutoRGN(named, lr, args.wd, keep_state=args.rgn_keep_state,
+                              steps_per_epoch=None if args.rgn_measure == "before" else steps,
+                              include_norm=args.rgn_include_norm,
+                              norm_names=rgn.norm_param_names(net))
             model.freeze_except(net, opt.names)  # frozen norms need no grad
         if args.rgn_measure == "before":  # the authors': 5 batches, no step
             opt.new_epoch()
@@ -274,47 +239,40 @@ def method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps)
         named = [(n, p) for n, p in net.named_parameters() if n in names]
         scores = rgn.eb_scores(loss_of, probe_batches(), named)
         chosen = [n for n in names if scores[n] >= args.snr_threshold]
-        hist["snr"].append({b: sum(n in chosen for n in ns)
-                            for b, ns in model.block_params(net).items() if b != "all"})
+        blocks = model.block_params(net).items()
+        hist["snr"].append({b: sum(n in chosen for n in ns) for b, ns in blocks if b != "all"})
         params = model.freeze_except(net, chosen)
         return torch.optim.Adam(params, lr, weight_decay=args.wd) if params else None
     params = [p for p in net.parameters() if p.requires_grad]
     return opt or torch.optim.Adam(params, lr, weight_decay=args.wd)
 
 
-# -----------------------------------------------------------------------------
 # One lr: train, score val after every epoch, keep the best epoch's weights.
 
 def entry(epoch, train_loss, v, t, t0):
     """A history entry from evaluate() of val and test (t None: not scored)."""
-    e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"],
-         "val_loss": v["loss"], "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
+    e = {"epoch": epoch, "train_loss": train_loss, "val_acc": v["acc"], "val_loss": v["loss"],
+         "test_acc": t and t["acc"], "test_loss": t and t["loss"]}
     if "avg_acc" in v:  # waterbirds / celeba: the groups too
         e.update(val_avg_acc=v["avg_acc"], test_avg_acc=t and t["avg_acc"],
                  test_group_acc=t and t["group_acc"])
     return {**e, "seconds": time.time() - t0}
 
 
-def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0,
-                 on_epoch=None):
-    """Train net's named parameters in place at lr for args.epochs. splits:
-    {split: (x, y[, groups])} on the device, x the input of stage k (the
-    frozen stages before it ran once). Test is scored only where val beats
-    best_val, the best of the grid so far: the only places selection can
-    land. on_epoch(history entry): progress. Returns (history, {name:
-    tensor} at this lr's best val epoch)."""
+def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0, on_epoch=None):
+    """Train net's named parameters in place at lr for args.epochs. splits: {split: (x, y[, g])}
+    on the device, x the input of stage k (the frozen stages before it ran once). Test is
+    scored only where val beats best_val, the grid's best so far: the only places selection
+    can land. Returns (history, the tuned tensors at this lr's best val epoch)."""
     dev, (xtr, ytr) = splits["train"][0].device, splits["train"][:2]
     torch.manual_seed(args.seed)
     g = torch.Generator(device=dev).manual_seed(args.seed)  # the same batches
     gm = torch.Generator(device=dev).manual_seed(args.seed + 1)  # probe batches
     params = model.freeze_except(net, names)
     src = [p.detach().clone() for p in params] if l1_lambda else None
-    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None,
-            "epochs": []}
-    if args.tune == "auto_rgn":  # mean rate multiplier per block, per epoch
-        hist["rgn"] = []
-    if args.tune == "auto_snr" and args.snr == "eb":  # tensors chosen per block
-        hist["snr"] = []
+    hist = {"lr": lr, "lambda": l1_lambda if args.tune == "l1" else None, "epochs": []}
+    if args.tune == "auto_rgn" or (args.tune == "auto_snr" and args.snr == "eb"):
+        hist[args.tune.removeprefix("auto_")] = []  # per epoch and block: rates, or tensors
     opt, best, top, t0 = None, {}, -1.0, time.time()
     steps = math.ceil(len(xtr) / args.batch_size)
 
@@ -327,19 +285,16 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0,
         return itertools.islice(b, 5)
     for epoch in range(1, args.epochs + 1):
         net.train(args.bn == "train")  # ResNet-26: no BatchNorm, no dropout
-        opt = method_epoch(args, net, names, lr, opt, hist, loss_of,
-                           probe_batches, steps)
-        tot = 0.0
-        for step, (xb, yb) in enumerate(
-                data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g), 1):
+        opt = method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps)
+        tot, batches = 0.0, data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g)
+        for step, (xb, yb) in enumerate(batches, 1):
             loss = loss_of(xb, yb)
             where = f"lr {lr:g}, epoch {epoch}, step {step}"
             tot += common.finite(loss, where, "Try smaller --lrs.") * len(yb)
             if opt is not None:  # auto_snr may choose nothing for an epoch
                 reg = 0.0
                 if src:
-                    reg = l1_lambda * sum((p - p0).abs().sum()
-                                          for p, p0 in zip(params, src))
+                    reg = l1_lambda * sum((p - p0).abs().sum() for p, p0 in zip(params, src))
                 (loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -352,49 +307,29 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0,
             on_epoch(hist["epochs"][-1])
         if v["acc"] > top:  # strictly: ties keep the earlier epoch
             top = v["acc"]
-            best = {n: p.detach().clone() for n, p in net.named_parameters()
-                    if n in set(names)}
+            best = {n: p.detach().clone() for n, p in net.named_parameters() if n in set(names)}
         if "rgn" in hist:
-            blocks = model.BLOCKS[net.arch]
-            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, blocks))
+            hist["rgn"].append(rgn.block_multipliers(opt.multipliers, model.BLOCKS[net.arch]))
     return hist, best
 
 
 def select(history, min_epoch=1):
-    """The (lr, lambda, epoch) of the best val accuracy over epochs >=
-    min_epoch; ties go to the first seen (grid order, then epoch order)."""
-    sel = None
-    for i, h in enumerate(history):
-        for e in h["epochs"]:
-            if e["epoch"] >= min_epoch and (sel is None or e["val_acc"] > sel["val_acc"]):
-                sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"],
-                       "epoch": e["epoch"], "val_acc": e["val_acc"],
-                       "test_acc": e["test_acc"]}
-                if "test_avg_acc" in e:
-                    sel["test_avg_acc"] = e["test_avg_acc"]
+    """The (lr, lambda, epoch) of the best val accuracy over epochs >= min_epoch; ties go to
+    the first seen (grid order, then epoch order: max keeps the first of equals)."""
+    runs = [(i, h, e) for i, h in enumerate(history) for e in h["epochs"] if e["epoch"] >= min_epoch]
+    i, h, e = max(runs, key=lambda r: r[2]["val_acc"])
+    sel = {"run": i, "lr": h["lr"], "lambda": h["lambda"], "epoch": e["epoch"],
+           "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
+    if "test_avg_acc" in e:
+        sel["test_avg_acc"] = e["test_avg_acc"]
     return sel
 
 
-# -----------------------------------------------------------------------------
 # The grid (lr x lambda) and selection: one line per lr.
-
-def cache_stage(names, args, source, target):
-    """How many leading stages are frozen and run once for every split: those
-    before the first tuned one, while --prefix_cache_gb holds them (a
-    ResNet-50 layer1 output is 1.6 MB an image in bf16). 0: none."""
-    bn_train = args.bn == "train" and source.arch != "resnet26"  # batch stats
-    if not args.prefix_cache_gb or not names or bn_train:
-        return 0
-    k = model.first_stage(names, source.arch)
-    one = [model.prefix(source, x[:1], k) for x, *_ in target.values()]
-    need = sum(o.numel() * o.element_size() * len(x)
-               for o, (x, *_) in zip(one, target.values()))
-    return k if need <= args.prefix_cache_gb * 2 ** 30 else 0
-
 
 def grid(args, source, names, target, log):
     """Returns (history, selection, the selected model, prefix stage)."""
-    k = cache_stage(names, args, source, target)
+    k = model.frozen_stages(source, names, target, args.prefix_cache_gb, args.bn == "train")
     splits = {s: (model.prefix(source, x, k), *rest) for s, (x, *rest) in target.items()}
     t0 = time.time()  # epoch 0 is the source: the same for every lr
     epoch0 = entry(0, None, model.evaluate(source, splits["val"], k),
@@ -418,16 +353,15 @@ def grid(args, source, names, target, log):
                 f"{e['val_acc']:.1f}% | ETA {eta}")
             said[0] = time.time()
     for j, (lr, lam) in enumerate(todo):
-        h, best = train_one_lr(copy.deepcopy(source), names, splits, k, lr, args,
-                               best_val, lam, lambda e, j=j: progress(e, j))
+        h, best = train_one_lr(copy.deepcopy(source), names, splits, k, lr, args, best_val, lam,
+                               lambda e, j=j: progress(e, j))
         h["epochs"].insert(0, epoch0)
         best_val = max([best_val] + [e["val_acc"] for e in h["epochs"][1:]])
         history.append(h)
         states.append(best)
         top = max(h["epochs"][1:], key=lambda e: e["val_acc"])
-        extra = ""
-        if "rgn" in h:  # the last epoch's mean multiplier per block
-            extra = " | rgn " + " ".join(f"{b} {m:.2f}" for b, m in h["rgn"][-1].items())
+        rates = " ".join(f"{b} {m:.2f}" for b, m in h.get("rgn", [{}])[-1].items())
+        extra = f" | rgn {rates}" if rates else ""  # the last epoch's mean per block
         lam_s = f" lambda {lam:.0e}" if lam else ""
         log(f"[{j + 1}/{len(todo)}] lr {lr:.0e}{lam_s} | val {epoch0['val_acc']:.1f} -> "
             f"{h['epochs'][-1]['val_acc']:.1f}%, best {top['val_acc']:.1f}% at "
@@ -440,27 +374,21 @@ def grid(args, source, names, target, log):
     return history, sel, tuned, k
 
 
-# -----------------------------------------------------------------------------
 # One run -> one result file; skipped when done, locked while running.
 
 def variant(args):
     """Non-default settings of an automatic method, "+"-joined, or None."""
-    on = []
     if args.tune == "auto_snr" and args.snr != "eb":
-        on = [f"snr_{args.snr}"]
-    if args.tune == "auto_rgn":
-        on = [n for n, v in (("measure_train", args.rgn_measure == "train"),
-                             ("keep_state", args.rgn_keep_state),
-                             ("with_norm", args.rgn_include_norm)) if v]
-    return "+".join(on) or None
+        return f"snr_{args.snr}"
+    on = [n for n, v in (("measure_train", args.rgn_measure == "train"),
+                         ("keep_state", args.rgn_keep_state), ("with_norm", args.rgn_include_norm)) if v]
+    return "+".join(on) if args.tune == "auto_rgn" and on else None
 
 
 def result_path(args, corruption):
-    """<out_dir>/<data>-<corruption>-<tune>-s<seed>[-<objective>][-<variant>]
-    [-p<hash of the changed settings>].json: a quick run never stands in
-    for a protocol run."""
-    tune = "".join(c if c.isalnum() or c in "._+-" else "_"
-                   for c in args.tune.replace(",", "+"))
+    """<out_dir>/<data>-<corruption>-<tune>-s<seed>[-<objective>][-<variant>][-p<hash of the
+    changed settings>].json: a quick run never stands in for a protocol run."""
+    tune = "".join(c if c.isalnum() or c in "._+-" else "_" for c in args.tune.replace(",", "+"))
     name = f"{args.data}-{corruption}-{tune}-s{args.seed}"
     if args.objective != "ce":
         name += f"-{args.objective}"
@@ -472,31 +400,9 @@ def result_path(args, corruption):
     return os.path.join(args.out_dir, name + ".json")
 
 
-@contextlib.contextmanager
-def claim(path):
-    """Yields True if this process may run path's run, False when its result
-    exists or another process holds its lock (a kill frees a lock)."""
-    folder = os.path.join(os.path.dirname(path), ".locks")
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.join(folder, os.path.basename(path))
-    with open(name, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:  # checked again under the lock: it may have finished meanwhile
-            yield not os.path.exists(path)
-        finally:  # ours removed before unlock: a later claimer makes a new one
-            with contextlib.suppress(OSError):
-                if os.stat(name).st_ino == os.fstat(lock.fileno()).st_ino:
-                    os.remove(name)
-                os.rmdir(folder)  # only if empty
-
-
 def run(args, source, target, clean, corruption, acc_before, log=print):
-    """One (data, corruption, tune, seed). target: {split: (x uint8, y[, g])}
-    on the device; clean: the source test split or None. Writes the result."""
+    """One (data, corruption, tune, seed). target: {split: (x uint8, y[, groups])} on the
+    device; clean: the source test split or None. Writes the result."""
     t0, dev = time.time(), target["test"][0].device
     names, trained, snr = method_params(args, source, target["train"], log)
     if args.objective == "ce":
@@ -507,15 +413,16 @@ def run(args, source, target, clean, corruption, acc_before, log=print):
     else:  # augmented copies need the images: no prefix
         k = 0
         if args.objective == "entropy" and not args.ent_copies and names:
-            k = cache_stage(names, args, source, {"test": target["test"]})
-        history, sel, source_acc = unsupervised.run(
-            args, source, names, target["test"], clean, k, acc_before, log)
-    n_params = sum(p.numel() for n, p in source.named_parameters() if n in set(trained))
+            k = model.frozen_stages(source, names, {"test": target["test"]},
+                                    args.prefix_cache_gb, args.bn == "train")
+        history, sel, source_acc = unsupervised.run(args, source, names, target["test"], clean,
+                                                    k, acc_before, log)
     res = {"data": args.data, "corruption": corruption,
-           "severity": args.severity if args.data.endswith("_c") else None,
-           "tune": args.tune, "seed": args.seed, "objective": args.objective,
-           "variant": variant(args), "changed": args.changed, "args": vars(args),
-           "trained": {"tensors": len(trained), "params": n_params, "names": trained},
+           "severity": args.severity if args.data.endswith("_c") else None, "tune": args.tune,
+           "seed": args.seed, "objective": args.objective, "variant": variant(args),
+           "changed": args.changed, "args": vars(args),
+           "trained": {"tensors": len(trained), "names": trained, "params": sum(
+               p.numel() for n, p in source.named_parameters() if n in set(trained))},
            "prefix_stage": k, "history": history,
            "selected": {a: v for a, v in sel.items() if a != "run"},
            "test_acc": sel["test_acc"], "val_acc": sel["val_acc"],
@@ -529,42 +436,13 @@ def run(args, source, target, clean, corruption, acc_before, log=print):
         res = common.write_json(res, path)  # rounded as written
     except OSError as e:  # the work is not lost: the whole result on stdout
         print(json.dumps(common.tidy(res)))
-        raise SystemExit(f"error: cannot write {path} ({e.strerror}); the result "
-                         "is printed above as JSON")
-    at = args.objective
-    if names and sel["epoch"] is not None:
-        at = f"lr {sel['lr']:g}, epoch {sel['epoch']}"
+        raise SystemExit(f"error: cannot write {path} ({e.strerror}); the result is printed "
+                         "above as JSON")
+    at = f"lr {sel['lr']:g}, epoch {sel['epoch']}" if names and args.objective == "ce" else args.objective
     kept = f" | source test {source_acc:.2f}% (before {acc_before:.2f}%)" if clean else ""
-    log(f"result: test {res['test_acc']:.2f}% ({res['metric']}; val "
-        f"{sel['val_acc'] or 0:.1f}% at {at}){kept} | "
-        f"{common.fmt_time(res['seconds'])} -> {path}")
+    log(f"result: test {res['test_acc']:.2f}% ({res['metric']}; val {sel['val_acc'] or 0:.1f}% "
+        f"at {at}){kept} | {common.fmt_time(res['seconds'])} -> {path}")
     return res
-
-
-def load_source(args, dev):
-    """The source model in eval mode on dev, and the holdout it was trained
-    with. A missing checkpoint names the train.py command: source training
-    takes minutes to hours and never starts by itself."""
-    if args.ckpt == "imagenet":
-        weights = None if args.weights == "none" else "imagenet"
-        return common.prepare(model.build_model("resnet50", 1000, weights), dev), 0
-    if args.ckpt != "paper" and not os.path.exists(args.ckpt):
-        src = f"--data {args.data} --data_dir {args.data_dir}"
-        if args.data.startswith("cifar"):
-            src = "--data cifar10"
-        raise SystemExit(f"error: no checkpoint at {args.ckpt}; use --ckpt paper "
-                         "(CIFAR: the paper's model) or train one first: "
-                         f"python train.py {src} --out {args.ckpt}")
-    source, ckpt = model.load_checkpoint(args.ckpt, dev)
-    k = source.fc.out_features
-    if args.data.startswith("cifar") and k != 10:
-        raise SystemExit(f"error: {args.ckpt} has {k} outputs; CIFAR needs a "
-                         "10-class source")
-    cifar_ok = args.arch == "resnet26" and source.arch == "wrn28_10"
-    if source.arch != args.arch and not cifar_ok:
-        raise SystemExit(f"error: {args.ckpt} holds a {source.arch}; --data "
-                         f"{args.data} needs a {args.arch} source")
-    return common.prepare(source, dev).eval(), int(ckpt["args"].get("holdout") or 0)
 
 
 def describe(args, source):
@@ -573,25 +451,22 @@ def describe(args, source):
         return f"method: --tune {args.tune}; {unsupervised.describe(args)}{bn}"
     fc = f" (fc alone: {FC_LRS})" if args.data.startswith("cifar") else ""
     l1 = f" x lambda {args.l1_lambdas}" if args.tune == "l1" else ""
-    return (f"method: --tune {args.tune}; Adam, lr grid {args.lrs}{fc}{l1}, wd "
-            f"{args.wd:g}, batch {args.batch_size}, {args.epochs} epochs, seed "
-            f"{args.seed}{bn}; selection: best val accuracy over epochs "
-            f"1..{args.epochs} and the grid, ties -> first; test accuracy there")
+    return (f"method: --tune {args.tune}; Adam, lr grid {args.lrs}{fc}{l1}, wd {args.wd:g}, "
+            f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}{bn}; selection: "
+            f"best val accuracy over the grid and epochs 1..{args.epochs}, ties -> first")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    todo = [c for c in corruptions(args)
-            if not os.path.exists(result_path(args, c))]
-    skipped = len(corruptions(args)) - len(todo)
-    if skipped:
-        print(f"{skipped} run(s) already have a result in {args.out_dir}: skipped "
-              "(delete a file to run it again)")
-    if not todo:
-        return []
+    todo = [c for c in corruptions(args) if not os.path.exists(result_path(args, c))]
+    if len(todo) < len(corruptions(args)):  # nothing to do: nothing loaded either
+        print(f"{len(corruptions(args)) - len(todo)} run(s) already have a result in "
+              f"{args.out_dir}: skipped (delete a file to run it again)")
+        if not todo:
+            return []
     common.check_writable(os.path.join(args.out_dir, "result.json"), "--out_dir")
     dev = common.get_device(args.device, args.cpu_bf16)
-    source, holdout = load_source(args, dev)
+    source, holdout = checkpoints.load_source(args, dev)
     if args.data.startswith("cifar"):
         load = data.cifar_target(args, holdout, dev)
     else:
@@ -600,7 +475,7 @@ def main(argv=None):
     print(describe(args, source))
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, c in enumerate(todo):
-        with claim(result_path(args, c)) as mine:
+        with common.claim(result_path(args, c)) as mine:
             if not mine:
                 print(f"[{c}] skipped: done or running in another process")
                 continue
@@ -615,9 +490,8 @@ def main(argv=None):
                 print(f"[{c} {i + 1}/{len(todo)}, {el}] {line}", flush=True)
             results.append(run(args, source, target, clean_c, c, acc_before, log))
     if len(results) > 1:
-        mean = sum(r["test_acc"] for r in results) / len(results)
-        print(f"mean over {len(results)} corruptions, tune={args.tune} "
-              f"seed={args.seed}: test {mean:.2f}%")
+        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: test "
+              f"{sum(r['test_acc'] for r in results) / len(results):.2f}%")
     return results
 
 

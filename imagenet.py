@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from common import load_cache
-from corruptions import STANDARD15, parse_names
-from data import per_class_split, save_cache, target_split
+from data import STANDARD15, parse_names, per_class_split, save_cache, target_split
 
 IMAGENET_C15 = STANDARD15  # ImageNet-C has the same 15 standard types
 IMAGENET_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # also there

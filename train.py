@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
 import data
 import model
@@ -222,7 +223,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.check_writable(args.out, "--out")
     net, metrics = train(args)
-    model.save_checkpoint(args.out, net, args, metrics)
+    checkpoints.save_checkpoint(args.out, net, args, metrics)
     os.remove(f"{args.out}.state")  # whole: nothing left to resume
     acc = metrics["test_acc"]
     acc = "none (no source test split)" if acc is None else f"{acc:.2f}%"

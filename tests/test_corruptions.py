@@ -30,19 +30,19 @@ def mad(a, b):
 
 def test_the_reference_19_are_registered_and_the_paper_lists_fixed():
     extra = ("gaussian_blur", "saturate", "spatter", "speckle_noise")
-    every = set(corruptions.STANDARD15) | set(extra)  # added ones: not in this test
-    assert len(every) == 19 and every <= set(corruptions.parse_names("all"))
-    assert set(corruptions.PAPER14) == set(corruptions.STANDARD15) - {
+    every = set(data.STANDARD15) | set(extra)  # added ones: not in this test
+    assert len(every) == 19 and every <= set(data.parse_names("all"))
+    assert set(data.PAPER14) == set(data.STANDARD15) - {
         "brightness", "contrast", "defocus_blur", "elastic_transform", "fog"} | set(extra)
 
 
 @pytest.mark.parametrize("name", tuple(sorted(corruptions.CORRUPTIONS)))
 def test_shape_dtype_determinism(name, images):
-    outs = [corruptions.corrupt(images, name, s, seed=1) for s in range(1, 6)]
+    outs = [data.corrupt(images, name, s, seed=1) for s in range(1, 6)]
     for out in outs:
         assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(corruptions.corrupt(images, name, 5, seed=1), outs[-1])  # same seed -> same images
-    other = corruptions.corrupt(images, name, 5, seed=2)
+    assert torch.equal(data.corrupt(images, name, 5, seed=1), outs[-1])  # same seed -> same images
+    other = data.corrupt(images, name, 5, seed=2)
     assert torch.equal(other, outs[-1]) == (name in DETERMINISTIC)
     assert mad(outs[-1], images) > 0.5  # severity 5 visibly changes the images
     if name in MONOTONE:
@@ -52,11 +52,11 @@ def test_shape_dtype_determinism(name, images):
 
 def test_unknown_name_and_severity_are_clear(images):
     with pytest.raises(SystemExit, match="valid: paper14, standard15, all "):
-        corruptions.corrupt(images, "fogg", 3)
+        data.corrupt(images, "fogg", 3)
     with pytest.raises(SystemExit, match="outside 1..5"):
-        corruptions.corrupt(images, "fog", 6)
-    assert corruptions.parse_names("paper14") == corruptions.PAPER14
-    assert corruptions.parse_names("fog,snow") == ("fog", "snow")
+        data.corrupt(images, "fog", 6)
+    assert data.parse_names("paper14") == data.PAPER14
+    assert data.parse_names("fog,snow") == ("fog", "snow")
 
 
 def test_shifted_pool_cache_and_split_identity(tmp_path, images):
@@ -91,5 +91,5 @@ def test_gallery_png(tmp_path, images):
     grid = img[:, 14:, 120:][:, ::2, ::2]
     # clean
     assert torch.equal(grid[:, 1:33, 1:33], images[0]) and torch.equal(grid[:, 34:66, 1:33], images[1])
-    assert torch.equal(grid[:, 1:33, 34:66], corruptions.corrupt(images[:2], "fog", 1)[0])  # fog, severity 1
+    assert torch.equal(grid[:, 1:33, 34:66], data.corrupt(images[:2], "fog", 1)[0])  # fog, severity 1
     assert (img[:, :14, 120:] < 128).any() and (img[:, 14:, :120] < 128).any()  # the labels are drawn

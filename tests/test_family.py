@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import model as CK
+import checkpoints as CK
 import common as C
 import imagenet as family
 import finetune as FT
@@ -83,7 +83,7 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
     names = tune_names(source, tune)
     runs = []
     for cache in (True, False):
-        k = FT.cache_stage(names, args, source, target) if cache else 0
+        k = M.frozen_stages(source, names, target, args.prefix_cache_gb) if cache else 0
         splits = {s: (M.prefix(source, x, k), y) for s, (x, y) in target.items()}
         net = copy.deepcopy(source)
         h, _ = one_lr(net, names, splits, 1e-2, args, start=k)
@@ -92,14 +92,15 @@ def test_batchnorm_stays_in_eval_only_the_block_moves(tune):
         moved = {n for n in before if not torch.equal(before[n], after[n])}
         assert moved and all(n.startswith(M.BLOCKS["resnet50"][tune]) for n in moved)
         assert not any("running" in n for n in moved)  # eval mode: the statistics are the source's
-    assert FT.cache_stage(names, args, source, target) == M.first_stage(names, "resnet50")
+    k = M.frozen_stages(source, names, target, args.prefix_cache_gb)
+    assert k == M.first_stage(names, "resnet50")
     for a, b in zip(runs[0]["epochs"][1:], runs[1]["epochs"][1:]):
         assert a["val_acc"] == b["val_acc"] and a["test_acc"] == b["test_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     # --bn train: batch statistics, so the running ones of the tuned block move and nothing is cached
     targs = P.parse_args(["--data", "living17", "--tune", tune, "--epochs", "1", "--batch_size", "8",
                           "--bn", "train", "--device", "cpu"])
-    assert FT.cache_stage(names, targs, source, target) == 0
+    assert M.frozen_stages(source, names, target, targs.prefix_cache_gb, batch_stats=True) == 0
     net = copy.deepcopy(source)
     one_lr(net, names, target, 1e-2, targs)
     moved = {n for n, v in net.state_dict().items() if not torch.equal(v, source.state_dict()[n])}
@@ -118,7 +119,7 @@ def test_prefix_cache_over_budget_runs_whole():
     for gb, want in ((every / 2 ** 30, k), (0.9 * every / 2 ** 30, 0)):
         args = P.parse_args(["--data", "living17", "--tune", "layer4", "--device", "cpu",
                              "--prefix_cache_gb", str(gb)])
-        assert FT.cache_stage(names, args, source, target) == want
+        assert M.frozen_stages(source, names, target, args.prefix_cache_gb) == want
 
 
 def test_living17_train_then_finetune(tmp_path):

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import common
 import data
 import finetune
@@ -47,7 +48,7 @@ def test_a_flipped_weight_fails_the_checkpoint_checksum(tiny, tmp_path):
     ck["state_dict"]["fc.weight"][0, 0] = 1.7e37  # one exponent byte, checksum kept
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(SystemExit) as e:
-        model.load_checkpoint(str(tmp_path / "bad.pt"))
+        checkpoints.load_checkpoint(str(tmp_path / "bad.pt"))
     assert "checksum" in one_line(e) and "bad.pt" in str(e.value.code)
 
 
@@ -149,7 +150,7 @@ def test_progress_says_where_and_the_eta(tiny, tmp_path, monkeypatch, capsys):
 def test_a_local_copy_of_the_papers_file_is_the_papers_model(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     path.write_bytes(b"the paper's bytes")
-    monkeypatch.setattr(model, "PAPER_SHA256", model.sha256(str(path)))
+    monkeypatch.setattr(checkpoints, "PAPER_SHA256", checkpoints.sha256(str(path)))
     args = finetune.parse_args(["--ckpt", str(path), "--corruption", "fog"])
     assert os.path.basename(finetune.result_path(args, "fog")) == "cifar_c-fog-layer1-s0.json"
 

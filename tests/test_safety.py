@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-import model as CK
+import checkpoints as CK
 import common as C
 import data
 import finetune as FT
@@ -158,7 +158,7 @@ def test_cifar_cache_follows_the_content_not_the_file_times(tmp_path):
 
 def test_an_unwritable_output_fails_before_the_compute(tiny, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
-    monkeypatch.setattr(FT, "load_source", lambda *a: pytest.fail("computed before checking --out_dir"))
+    monkeypatch.setattr(FT.checkpoints, "load_source", lambda *a: pytest.fail("computed first"))
     with pytest.raises(SystemExit) as e:
         FT.main(ft(tiny, tmp_path / "afile" / "res", "--tune", "fc"))
     assert "--out_dir" in one_line(e) and "afile" in str(e.value.code)

@@ -82,7 +82,7 @@ def test_kill_then_resume_repeats_nothing_and_loses_nothing(env, tmp_path):
     assert sorted(after) == sorted(RUNS)  # nothing lost
     assert all(after[r] == t for r, t in before.items())  # nothing repeated
     assert made() - made_before == len(RUNS) - len(before)  # each made once
-    assert "| Full Fine-Tuning | 1" in table.main(["--results", env["RESULTS"]])
+    assert "| all[" in table.main(["--results", env["RESULTS"]])  # quick runs: rows of their own
     assert not os.path.exists(os.path.join(env["RESULTS"], ".locks"))
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-import model as CK
+import checkpoints as CK
 import model as M
 import train
 from tinydata import write_cifar
