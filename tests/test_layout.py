@@ -22,7 +22,7 @@ SCRIPTS = ("finetune", "train", "data", "model", "table", "bench")
 
 # `cat *.py | wc -c`: the aim is 160,000 bytes; this ceiling is lowered as
 # the files shrink, and only ever lowered
-MAX_BYTES = 184_000
+MAX_BYTES = 182_000
 
 
 def test_size_budget():
