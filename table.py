@@ -133,12 +133,12 @@ def summarize(res):
             out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
         full = acc.get("all", {})
         for b in blocks():  # Figure 2: per (corruption, seed) differences to all
-            diff = {k: v - full[k] for k, v in acc.get(b, {}).items() if k in full}
-            out["fig2"][(b, col)] = cell(diff, len(grid))
-        out["fig2"][("all", col)] = out["cells"][("Full Fine-Tuning", col)]
+            d = [v - full[k] for k, v in sorted(acc.get(b, {}).items()) if k in full]
+            out["fig2"][(b, col)] = (*interval(d), len(d) == len(grid)) if d else None
     ranks = {t: [] for t in RANKED}
     for col in out["grid"]:
-        means = {t: round(c[0], 1) for t in RANKED if (c := out["cells"][(ROW_OF[t], col)])}
+        means = {t: round(c[0], 1) for t in RANKED  # complete cells only
+                 if (c := out["cells"][(ROW_OF[t], col)]) and c[3]}
         for t, v in means.items():  # 1 + how many are strictly better
             ranks[t].append(1 + sum(u > v for u in means.values()))
     out["ranks"] = {ROW_OF[t]: sum(r) / len(r) if r else None for t, r in ranks.items()}
@@ -169,7 +169,7 @@ def render(res, notes, folder):
         lines.append(f"| {row} | {' | '.join(cells)} | {'-' if r is None else f'{r:.2f}'} |")
     lines += ["", "std: sample standard deviation over seeds. * = not complete: some "
               "(corruption, seed) runs that the column has for other methods are missing "
-              "here; the cell averages what there is."]
+              "here; the cell averages what there is, and Avg Rank leaves it out."]
     for col, (cs, seeds) in s["grid"].items():
         ranked = sorted(s["picks"][col].items(), key=lambda x: blocks().index(x[0]))
         picks = ", ".join(f"{b} x{n}" for b, n in ranked)
@@ -189,12 +189,16 @@ def render(res, notes, folder):
     lines += [f"- warning: {n}" for n in notes]
     dcols = [c for c in cols if c in s["grid"]]
     lines += ["", "## Each block relative to full fine-tuning (the paper's Figure 2 as "
-              "numbers)", "", "Accuracy minus Full Fine-Tuning's, per (corruption, seed), "
-              "then as above; the last row is Full Fine-Tuning itself.", ""]
+              "numbers)", "", "Test accuracy minus Full Fine-Tuning's over the (corruption, "
+              "seed) runs both have: mean [95% t interval]; the last row is Full Fine-Tuning "
+              "itself, mean (std).", ""]
     lines += head("Tune", dcols)
-    for b in blocks() + ("all",):
-        cells = " | ".join(fmt(s["fig2"][(b, c)], sign=b != "all") for c in dcols)
-        lines.append(f"| {b if b != 'all' else 'all (absolute)'} | {cells} |")
+    for b in blocks():
+        cells = [(fmt_ci(*f[:3]) + ("" if f[3] else "*")) if (f := s["fig2"][(b, c)]) else "-"
+                 for c in dcols]
+        lines.append(f"| {b} | {' | '.join(cells)} |")
+    full = [fmt(s["cells"][("Full Fine-Tuning", c)]) for c in dcols]
+    lines.append(f"| all (absolute) | {' | '.join(full)} |")
     order = ("none",) + blocks() + RANKED
     tunes = sorted({t for c in dcols for t in s["tunes"][c]},
                    key=lambda t: (order.index(t) if t in order else len(order), t))
@@ -237,80 +241,85 @@ def versus_paper(s, res):
             cells += [fmt(ours), f"{paper[0]:.1f} ({paper[1]:.1f})",
                       verdict(ours and ours[:2], paper)]
         lines.append(f"| {row} | {' | '.join(cells)} |")
-    lines += ["", "Claims (each on the (corruption, seed) runs that every compared tune "
-              "has):"]
-    for c, want in (("CIFAR-C", "layer1"), ("CIFAR-F", "fc")):  # the best block
-        m, n = paired(res, COLUMNS[c], blocks() + ("all",))
-        if want in m and len(m) > 1:
-            each = ", ".join(f"{b} {v:.1f}" for b, v in m.items())
-
-            def best(m, want=want):  # on the printed values: a tie is a tie
-                top = max(round(v, 1) for b, v in m.items() if b != want)
-                return above(round(m[want], 1), top)
-            lines.append(f"- {c}: best {max(m, key=m.get)} ({each}; {n} runs each); the "
-                         f"paper: {want}, above every other block and full fine-tuning -> "
-                         + settle(res, COLUMNS[c], tuple(m), best))
+    lines += ["", "Claims, each on the paired differences over the (corruption, seed) runs both "
+              "sides have: mean [95% t interval]. holds: the interval is on the claimed side; "
+              "fails: on the other; not resolved: it covers 0."]
     runs = [(c, "") for c in cols]  # then again under each variation run
     runs += [(c, t) for c in cols for t in sorted(
         {k[2][k[2].index("["):] for k in res if k[0] == COLUMNS[c] and "[" in k[2]})]
     for c, tag in runs:
-        lines += against_all(res, c, tag, "layer1" if c == "CIFAR-C" else "fc")
-        lines += against_all(res, c, tag, "auto_rgn")
-    m, n = paired(res, "cifar_c/memo", ("layer1", "all", "none", "fc"))
-    if len(m) == 4:
-        def order(m):
-            return m["layer1"] > m["all"] > m["none"] and abs(m["none"] - m["fc"]) <= 2
-        lines.append(f"- MEMO: layer1 {m['layer1']:.1f}, all {m['all']:.1f}, none "
-                     f"{m['none']:.1f}, fc {m['fc']:.1f} ({n} corruptions); the paper: "
-                     "layer1 > all > none ~ fc (75.4 / 69.7 / 67.8 / 67.8) -> "
-                     + settle(res, "cifar_c/memo", tuple(m), order))
+        best = "layer1" if c == "CIFAR-C" else "fc"
+        if not tag:  # the best block above every other one, and above all
+            others = [b for b in blocks() + ("all",) if b != best]
+            lines += claim(res, COLUMNS[c], c, best, others, "above every other block and all")
+        lines += claim(res, COLUMNS[c], c + tag, best + tag, ["all" + tag], "above all")
+        lines += claim(res, COLUMNS[c], c + tag, "auto_rgn" + tag, ["all" + tag], "at or above all")
+    pairs = (("layer1", "all"), ("all", "none"), ("fc", "none"))  # MEMO's ordering
+    if all(diffs(res, "cifar_c/memo", a, b) for a, b in pairs):
+        cis = [interval(diffs(res, "cifar_c/memo", a, b)) for a, b in pairs]
+        each = "; ".join(f"{a} - {b} {fmt_ci(*ci)}" for (a, b), ci in zip(pairs, cis))
+        n = len(diffs(res, "cifar_c/memo", "layer1", "all"))
+        lines.append(f"- MEMO: {each} ({n} pairs); the paper: layer1 > all > none (75.4 / 69.7 "
+                     f"/ 67.8), fc ~ none -> {judge([ci[1:] for ci in cis[:2]])}")
     return lines
 
 
-def against_all(res, column, tag, tune):
-    """A claim line: tune (the paper's best block: above all; Auto-RGN: at or
-    above) against all, both with tag ("[lrs=...]"), on the runs both have."""
-    a, b = tune + tag, "all" + tag
-    m, n = paired(res, COLUMNS[column], (a, b))
-    if len(m) < 2:
-        return []
-    rgn = tune == "auto_rgn"
-    name, want = ("Auto-RGN", "at or above") if rgn else (f"{tune} (the paper's best)",
-                                                          "above")
-
-    def ok(m):
-        x, y = round(m[a], 1), round(m[b], 1)
-        return x >= y if rgn else above(x, y)
-    return [f"- {column}{tag}: {name} {m[a]:.1f} vs full fine-tuning {m[b]:.1f} ({n} "
-            f"runs each); the paper: {want} -> " + settle(res, COLUMNS[column], (a, b), ok)]
+# t quantiles (0.975) for 1..30 degrees of freedom; beyond, z with a first-order correction
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def above(x, y):
-    """True, False, or None for a tie."""
-    return None if x == y else x > y
+def interval(d):
+    """Mean of the paired differences d and its 95% t interval (None with one pair)."""
+    m = sum(d) / len(d)
+    if len(d) < 2:
+        return m, None, None
+    df = len(d) - 1
+    t = T975[df - 1] if df <= len(T975) else 1.96 + (1.96 ** 3 + 1.96) / (4 * df)
+    h = t * statistics.stdev(d) / math.sqrt(len(d))
+    return m, m - h, m + h
 
 
-def settle(res, data, tunes, ok):
-    """"holds", "fails" or "ties" by ok({tune: mean}) on the runs every tune
-    has, and with several seeds each seed's own: "ties (seed 0 holds, ...)"."""
-    m, _ = paired(res, data, tunes)
-    word = {True: "holds", False: "fails", None: "ties"}
-    seeds = sorted({k[3] for k in res if k[0] == data})
-    per = [(s, paired(res, data, tunes, seed=s)[0]) for s in seeds]
-    per = [f"seed {s} {word[ok(ms)]}" for s, ms in per if len(ms) == len(m)]
-    return word[ok(m)] + (f" ({', '.join(per)})" if len(per) > 1 else "")
+def judge(cis):
+    """holds when every interval is above 0, fails when one is below, else not resolved."""
+    if any(hi is not None and hi < 0 for lo, hi in cis):
+        return "fails"
+    if all(lo is not None and lo > 0 for lo, hi in cis):
+        return "holds"
+    return "not resolved"
 
 
-def paired(res, data, tunes, seed=None):
-    """({tune: mean test accuracy}, n) over the (corruption, seed) pairs every
-    tune present has (of one seed, if given)."""
+def fmt_ci(m, lo, hi):
+    return f"{m:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else " [one pair]")
+
+
+def diffs(res, data, a, b, seed=None):
+    """a's test accuracy minus b's, per (corruption, seed) both have."""
     acc = {t: {(k[1], k[3]): r["test_acc"] for k, r in res.items()
-               if k[0] == data and k[2] == t and seed in (None, k[3])} for t in tunes}
-    acc = {t: a for t, a in acc.items() if a}
-    both = set.intersection(*(set(a) for a in acc.values())) if acc else set()
-    if not both:
-        return {}, 0
-    return {t: sum(a[k] for k in both) / len(both) for t, a in acc.items()}, len(both)
+               if k[0] == data and k[2] == t and seed in (None, k[3])} for t in (a, b)}
+    return [acc[a][k] - acc[b][k] for k in sorted(acc[a]) if k in acc[b]]
+
+
+def claim(res, data, column, tune, others, want):
+    """A claim line: tune above (or at or above) each of others, judged on the paired
+    differences, then on each seed's alone. Names print without a variation's tag."""
+    others = [o for o in others if diffs(res, data, tune, o)]
+    if not others:
+        return []
+    cis = {o: interval(diffs(res, data, tune, o)) for o in others}
+    worst = min(others, key=lambda o: cis[o][0])  # the closest competitor
+    n = len(diffs(res, data, tune, worst))
+    per = []
+    seeds = sorted({k[3] for k in res if k[0] == data and k[2] == tune})
+    for s in seeds if len(seeds) > 1 else []:
+        ds = [diffs(res, data, tune, o, s) for o in others]
+        per.append(f"seed {s} {judge([interval(d)[1:] for d in ds if d])}")
+    name = f"{tune.split('[')[0]} - {worst.split('[')[0]}"
+    closest = ", the closest" if len(others) > 1 else ""
+    return [f"- {column}: {name} {fmt_ci(*cis[worst])} ({n} pairs{closest}); the paper: "
+            f"{want} -> {judge([ci[1:] for ci in cis.values()])}"
+            + (f" ({', '.join(per)})" if per else "")]
 
 
 UNSUP_TUNES = ("none", "layer1", "layer1+layer2", "layer2", "layer3", "layer4", "fc",
@@ -352,6 +361,34 @@ def unsupervised(res):
     return lines
 
 
+def figure(s, path):
+    """The paper's Figure 2 from our runs: a panel per column, a bar per block, its test
+    accuracy minus full fine-tuning's with the 95% interval as the error bar."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    cols = [c for c in s["grid"] if any(s["fig2"].get((b, c)) for b in blocks())]
+    if not cols:
+        raise SystemExit("error: --figure needs results of blocks and of all in one column")
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.8), squeeze=False)
+    for ax, c in zip(axes[0], cols):
+        bs = [b for b in blocks() if s["fig2"].get((b, c))]
+        f = [s["fig2"][(b, c)] for b in bs]  # (mean, low, high, complete)
+        m = [x[0] for x in f]
+        err = [[x[0] - x[1] if x[1] is not None else 0 for x in f],
+               [x[2] - x[0] if x[2] is not None else 0 for x in f]]
+        colour = ["#4477aa" if x[1] is not None and x[1] > 0 else "#cc6677" if x[2] is not None
+                  and x[2] < 0 else "#bbbbbb" for x in f]  # above, below, not resolved
+        ax.bar(bs, m, yerr=err, capsize=3, color=colour)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(c, fontsize=10)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_ylabel("accuracy - full fine-tuning (%)", fontsize=8)
+    fig.tight_layout()
+    common.atomic_save(fig, path, lambda f, tmp: f.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def write(text, path):
     with open(path, "w") as f:
         f.write(text)
@@ -362,6 +399,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results", help="folder of result files")
     p.add_argument("--out", default="", help="default: <results>/table.md")
+    p.add_argument("--figure", default="", help="also draw Figure 2 to this PNG")
     args = p.parse_args(argv)
     res, notes = load(args.results)
     if not res:
@@ -372,6 +410,10 @@ def main(argv=None):
     common.atomic_save(md, out, write=write)
     print(md, end="")
     print(f"written to {out}")
+    if args.figure:
+        common.check_writable(args.figure, "--figure")
+        figure(summarize(res), args.figure)
+        print(f"figure: {args.figure}")
     return md
 
 

@@ -131,8 +131,8 @@ def test_quick_runs_get_their_own_rows_and_a_tie_is_a_tie(tmp_path):
     for t, acc in (("layer1", 50.0), ("fc", 60.0), ("all", 60.0)):  # protocol runs
         put(str(tmp_path), t, acc, 50.0)
     md = table.main(["--results", str(tmp_path)])
-    assert "fc (the paper's best) 60.0 vs full fine-tuning 60.0 (1 runs each); the " \
-           "paper: above -> ties" in md
+    assert "- CIFAR-F: fc - all +0.0 [one pair] (1 pairs); the paper: above all -> not " \
+           "resolved" in md  # a tie never holds
 
 
 def test_progress_says_where_and_the_eta(tiny, tmp_path, monkeypatch, capsys):

@@ -67,12 +67,14 @@ def test_means_stds_crossval_and_flags(cifar):
     assert c[("L1 Regularize", "CIFAR-C")] == (81.0, None, 1, False)
     assert c[("Auto-SNR", "CIFAR-C")] is None and "IN-C" not in s["grid"]
     assert s["grid"]["CIFAR-C"] == (["frost", "snow"], [0, 1, 2])
-    # Figure 2: layer1 - all per (corruption, seed): frost 60+s - (70+s) = -10, snow 97 - (80+s)
-    mean, std, n, complete = s["fig2"][("layer1", "CIFAR-C")]
-    assert mean == pytest.approx((-10 + 17 - 1) / 2) and std == pytest.approx(0.5) and complete
-    assert s["fig2"][("fc", "CIFAR-F")] == pytest.approx((7.9, None, 1, True))
-    # ranks: CIFAR-C all 76.0 vs l1 81.0 -> 2 and 1; CIFAR-F all 85.9 vs rgn 87.7 -> 2 and 1
-    assert s["ranks"] == {"Full Fine-Tuning": 2.0, "L1 Regularize": 1.0, "Auto-SNR": None, "Auto-RGN": 1.0}
+    # Figure 2: layer1 - all per (corruption, seed): frost 60+s - (70+s) = -10, snow 97 - (80+s):
+    # mean +3.0, sd 14.26 over 6 pairs, t(5) = 2.571: +3.0 [-12.0, +18.0]
+    mean, lo, hi, complete = s["fig2"][("layer1", "CIFAR-C")]
+    assert (mean, lo, hi) == pytest.approx((3.0, -11.962, 17.962), abs=1e-3) and complete
+    assert s["fig2"][("fc", "CIFAR-F")] == (pytest.approx(7.9), None, None, True)  # one pair
+    # ranks: CIFAR-C all alone (l1's cell is incomplete: left out); CIFAR-F all 85.9 vs rgn 87.7
+    assert s["ranks"] == {"Full Fine-Tuning": 1.5, "L1 Regularize": None, "Auto-SNR": None,
+                          "Auto-RGN": 1.0}
 
 
 def test_crossval_needs_every_block(cifar):
@@ -110,10 +112,11 @@ def test_main_writes_markdown(cifar, capsys):
     rows = [ln.split(" | ")[0][2:] for ln in lines[4:10]]
     assert rows == ["No Adaptation", "Cross-Val", "Full Fine-Tuning", "L1 Regularize", "Auto-SNR", "Auto-RGN"]
     assert lines[6] == ("| Full Fine-Tuning | 76.0 (1.0) | no data | no data | no data | 85.9 (-) | no data "
-                        "| no data | 2.00 |")
+                        "| no data | 1.50 |")
     assert "| L1 Regularize | 81.0 (-)* |" in md and "| Auto-SNR | - |" in md
     assert "results differ in epochs: 15, 3" in md and "Cross-Val picked layer2 x3" in md
-    assert "| layer1 | +3.0 (0.5) | - |" in md and "| all (absolute) | 76.0 (1.0) | 85.9 (-) |" in md
+    assert "| layer1 | +3.0 [-12.0, +18.0] | - |" in md  # favoured on the mean, not resolved
+    assert "| all (absolute) | 76.0 (1.0) | 85.9 (-) |" in md
     assert sorted(p.name for p in cifar.glob("table.md*")) == ["table.md"]
 
 
@@ -149,30 +152,32 @@ def test_beside_the_paper_verdicts_and_claims(cifar):
            "| reproduces (+0.0) |")
     assert row in md
     assert "| No Adaptation | 50.0 (0.0) | 52.6 (0.0) | differs (-2.6) |" in md
-    # CIFAR-C: layer2 is the best (mean of its corruptions), so the paper's first-block claim fails here;
-    # CIFAR-F: fc 93.8 beats all 85.9, the claim holds; Auto-RGN 87.7 >= full 85.9 holds
-    assert "- CIFAR-C: best layer2" in md and "-> fails" in md.split("- CIFAR-C: best")[1].splitlines()[0]
-    assert "- CIFAR-F: best fc" in md and "- CIFAR-F: Auto-RGN 87.7 vs full fine-tuning 85.9" in md
+    # CIFAR-C: layer2 is closest to layer1 (-18.5 on the mean), its interval covers 0: not resolved;
+    # CIFAR-F: one seed, one pair each: no interval, nothing resolved
+    line = [ln for ln in md.splitlines() if ln.startswith("- CIFAR-C: layer1 - layer2 -18.5 [")]
+    assert line and line[0].split(" -> ")[1].startswith("not resolved")
+    assert "- CIFAR-F: auto_rgn - all +1.8 [one pair] (1 pairs); the paper: at or above all -> " \
+           "not resolved" in md
 
 
-def test_a_claim_says_how_each_seed_decides_it(cifar):
-    for s, (frost, snow) in enumerate(((71.0, 81.0), (70.0, 80.0))):  # all: 75 on seed 0, 76 on seed 1
-        put(str(cifar), "cifar_c", "frost", "auto_rgn", s, frost)
-        put(str(cifar), "cifar_c", "snow", "auto_rgn", s, snow)
-    put(str(cifar), "cifar_c", "frost", "auto_rgn", 2, 90.0)  # seed 2: frost only, against all's 72
-    put(str(cifar), "cifar_flip", "clean", "auto_rgn", 1, 50.0)  # no all on seed 1: no verdict of its own
-    lines = table.main(["--results", str(cifar)]).splitlines()
-    rgn = [ln for ln in lines if ln.startswith("- CIFAR-C: Auto-RGN")]
-    assert rgn == ["- CIFAR-C: Auto-RGN 78.4 vs full fine-tuning 74.8 (5 runs each); the paper: at or above "
-                   "-> holds (seed 0 holds, seed 1 fails, seed 2 holds)"]
-    flip = [ln for ln in lines if ln.startswith("- CIFAR-F: Auto-RGN")][0]
-    assert flip.endswith("(1 runs each); the paper: at or above -> holds")
-    best = [ln for ln in lines if ln.startswith("- CIFAR-C: best")][0]
-    assert best.startswith("- CIFAR-C: best layer2") and best.endswith(
-        "-> fails (seed 0 fails, seed 1 fails, seed 2 fails)")
-    # layer1 alone against all: per seed 78.5 / 79.0 / 79.5 vs 75 / 76 / 77
-    assert ("- CIFAR-C: layer1 (the paper's best) 79.0 vs full fine-tuning 76.0 (6 runs each); the paper: "
-            "above -> holds (seed 0 holds, seed 1 holds, seed 2 holds)") in lines
+def test_a_claim_needs_its_interval_on_the_claimed_side(tmp_path):
+    """Means that favour a claim are not enough: paired differences that straddle 0 leave it
+    not resolved; clear ones hold or fail, on all the pairs and on each seed's."""
+    d = str(tmp_path)
+    for s, (rgn, fc, l1) in enumerate(((-0.6, 20, -30), (1.0, 21, -31), (3.3, 22, -29))):
+        for c, shift in (("frost", 0.0), ("snow", 5.0)):  # CIFAR-C: two corruptions a seed
+            put(d, "cifar_c", c, "all", s, 70.0 + shift)
+            put(d, "cifar_c", c, "auto_rgn", s, 70.0 + shift + rgn - (0.1 if c == "snow" else 0))
+            put(d, "cifar_c", c, "layer1", s, 70.0 + shift + fc)
+            put(d, "cifar_c", c, "fc", s, 70.0 + shift + l1)
+    lines = table.main(["--results", d]).splitlines()
+    rgn = [ln for ln in lines if ln.startswith("- CIFAR-C: auto_rgn - all")][0]
+    assert rgn.startswith("- CIFAR-C: auto_rgn - all +1.2 [") and "(6 pairs)" in rgn
+    assert " -> not resolved (seed 0 fails, seed 1 holds, seed 2 holds)" in rgn
+    best = [ln for ln in lines if ln.startswith("- CIFAR-C: layer1 - all +21.0")]
+    assert len(best) == 2 and all(" -> holds (seed 0 holds," in ln for ln in best)
+    assert any(ln.startswith("- CIFAR-C: layer1 - all") and "(6 pairs, the closest)" in ln
+               for ln in best)
 
 
 def test_claims_are_checked_again_under_each_variation(cifar):
@@ -188,17 +193,17 @@ def test_claims_are_checked_again_under_each_variation(cifar):
     var("frost", "auto_rgn", 5, 60.0, {"split_seed": 1})
     var("snow", "auto_rgn", 5, 99.0, {"split_seed": 1})  # all lacks snow here: not paired, left out
     md = table.main(["--results", str(cifar)])
-    # under the grid: layer1 74.5 vs all 75.0 fails; Auto-RGN 74.5 vs 75.0 fails; split 1: 60.0 vs 60.0 holds
-    assert ("- CIFAR-C[lrs=1e-1,1e-3]: layer1 (the paper's best) 74.5 vs full fine-tuning 75.0 (2 runs "
-            "each); the paper: above -> fails") in md
-    assert "- CIFAR-C[lrs=1e-1,1e-3]: Auto-RGN 74.5 vs full fine-tuning 75.0 (2 runs each)" in md
-    assert ("- CIFAR-C[split_seed=1]: Auto-RGN 60.0 vs full fine-tuning 60.0 (1 runs each); the paper: at or "
-            "above -> holds") in md
+    # under the grid: layer1 - all: -1 and 0, t(1) = 12.7: -0.5 [-6.9, +5.9]; split 1: one pair
+    assert ("- CIFAR-C[lrs=1e-1,1e-3]: layer1 - all -0.5 [-6.9, +5.9] (2 pairs); the paper: above "
+            "all -> not resolved") in md
+    assert "- CIFAR-C[lrs=1e-1,1e-3]: auto_rgn - all -0.5 [-32.3, +31.3] (2 pairs)" in md
+    assert ("- CIFAR-C[split_seed=1]: auto_rgn - all +0.0 [one pair] (1 pairs); the paper: at or "
+            "above all -> not resolved") in md
     assert "CIFAR-C[split_seed=1]: layer1" not in md  # no layer1 run under that split
     # the protocol runs' own cells and claims are unchanged by the variations beside them: seed 5 is no
     # missing run of theirs
     assert "| Full Fine-Tuning | 76.0 (1.0) | no data |" in md and "- CIFAR-C: seeds 0, 1, 2;" in md
-    assert "- CIFAR-C: best layer2" in md and "- CIFAR-F: Auto-RGN 87.7 vs full fine-tuning 85.9" in md
+    assert "- CIFAR-C: layer1 - layer2 -18.5 [" in md and "- CIFAR-F: auto_rgn - all +1.8" in md
 
 
 def test_an_unset_flag_recorded_by_older_results_is_no_difference(tmp_path):
