@@ -18,6 +18,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 from collections import Counter
 
@@ -32,6 +33,7 @@ ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "a
         "Cross-Val per corruption (extra)": "crossval_c"}
 ROW_OF = {t: row for row, t in ROWS.items()}
 RANKED = ("all", "l1", "auto_snr", "auto_rgn")  # what Avg Rank compares
+VARIATIONS = ("lrs", "split_seed")  # the authors' protocol (PROTOCOL.md section 5): claims too
 SAME = ("ckpt", "epochs", "train_n", "val_per_class", "test_per_class", "split_seed",
         "batch_size", "wd", "lrs")  # a column mixing these says so
 
@@ -244,9 +246,10 @@ def versus_paper(s, res):
     lines += ["", "Claims, each on the paired differences over the (corruption, seed) runs both "
               "sides have: mean [95% t interval]. holds: the interval is on the claimed side; "
               "fails: on the other; not resolved: it covers 0."]
-    runs = [(c, "") for c in cols]  # then again under each variation run
+    runs = [(c, "") for c in cols]  # then under the authors' variations that were run
     runs += [(c, t) for c in cols for t in sorted(
-        {k[2][k[2].index("["):] for k in res if k[0] == COLUMNS[c] and "[" in k[2]})]
+        {k[2][k[2].index("["):] for k in res if k[0] == COLUMNS[c] and "[" in k[2]})
+        if set(re.findall(r"(?:\[|,)(\w+)=", t)) <= set(VARIATIONS)]
     for c, tag in runs:
         best = "layer1" if c == "CIFAR-C" else "fc"
         if not tag:  # the best block above every other one, and above all

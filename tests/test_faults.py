@@ -127,7 +127,9 @@ def test_quick_runs_get_their_own_rows_and_a_tie_is_a_tie(tmp_path):
         put(str(tmp_path), t, 60.0, 50.0, epochs=1, train_n=20)  # quick runs only
     md = table.main(["--results", str(tmp_path)])
     assert "| fc[epochs=1,train_n=20] | 60.0 (-) |" in md
-    assert "| Full Fine-Tuning | - |" in md and "holds" not in md and "fails" not in md
+    claims = [ln for ln in md.splitlines() if ln.startswith("- CIFAR-F")]
+    assert "| Full Fine-Tuning | - |" in md and claims == ["- CIFAR-F: seeds 0; 1 corruption(s): "
+                                                           "clean; Cross-Val picked nothing"]
     for t, acc in (("layer1", 50.0), ("fc", 60.0), ("all", 60.0)):  # protocol runs
         put(str(tmp_path), t, acc, 50.0)
     md = table.main(["--results", str(tmp_path)])
