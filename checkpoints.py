@@ -21,6 +21,13 @@ CKPT_VERSION = 1
 PAPER_URL = ("https://github.com/zhangmarvin/memo/raw/main/cifar-10-exps/"
              "results/cifar10_rn26_gn/ckpt.pth")
 PAPER_SHA256 = "272f183ab9ba6624480da6e7779ccc0ccda647b06b3c3134a1f670b142f36403"
+# A BatchNorm CIFAR ResNet-56 of the authors' kind (github.com/akamaster/pytorch_resnet_cifar10,
+# BSD 2-clause, 93.6% clean): --ckpt resnet56. Its head is "linear." there, "fc." here.
+RESNET56_URL = ("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
+                "pretrained_models/resnet56-4bfd9763.th")
+RESNET56_SHA256 = "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"
+KNOWN = {"paper": (PAPER_URL, PAPER_SHA256, "cifar10_rn26_gn_memo.pth"),
+         "resnet56": (RESNET56_URL, RESNET56_SHA256, "resnet56-4bfd9763.th")}
 
 
 def save_checkpoint(path, model, args, metrics):
@@ -40,23 +47,29 @@ def sha256(path):
     return h.hexdigest()
 
 
-def is_paper_copy(path):
-    return os.path.isfile(path) and sha256(path) == PAPER_SHA256
+def known(path):
+    """"paper" or "resnet56" when path is a copy of that published file, else None."""
+    if os.path.isfile(path):
+        digest = sha256(path)
+        return next((k for k, (_, sha, _) in KNOWN.items() if sha == digest), None)
 
 
-def paper_path():
-    """The paper's file in torch's hub cache, downloaded on first use."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", "cifar10_rn26_gn_memo.pth")
+def download(name):
+    """A published file (KNOWN) in torch's hub cache, downloaded on first use."""
+    url, sha, file = KNOWN[name]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"downloading the paper's CIFAR checkpoint (3 MB) from {PAPER_URL}")
+        print(f"downloading the {name} checkpoint (3 MB) from {url}")
         try:  # torch writes a temp file and renames it when whole
-            torch.hub.download_url_to_file(PAPER_URL, path, progress=False)
+            torch.hub.download_url_to_file(url, path, progress=False)
         except Exception as e:  # offline, proxy, HTTP error
-            raise SystemExit(
-                "error: could not download the paper's checkpoint "
-                f"({type(e).__name__}); offline? fetch {PAPER_URL} elsewhere "
-                "and pass its path as --ckpt")
+            raise SystemExit(f"error: could not download the {name} checkpoint "
+                             f"({type(e).__name__}); offline? fetch {url} elsewhere "
+                             "and pass its path as --ckpt")
+    if name == "resnet56" and sha256(path) != sha:  # the paper's: checked on load
+        raise SystemExit(f"error: {path} is not the published file (sha256); delete it and "
+                         f"download it again ({url})")
     return path
 
 
@@ -105,6 +118,18 @@ def load_robustbench(state):
     return model
 
 
+def load_resnet56(state):
+    """akamaster's ResNet-56 file ({"state_dict", "best_prec1"}, "module." names) -> the
+    model; None for other keys. Its BatchNorms lack num_batches_tracked: kept as ours."""
+    state = {k.removeprefix("module."): v for k, v in state.get("state_dict", {}).items()}
+    if "linear.weight" not in state or "layer3.8.conv2.weight" not in state:
+        return None
+    model = build_model("resnet56", state["linear.weight"].shape[0])
+    state = {("fc." + k[7:] if k.startswith("linear.") else k): v for k, v in state.items()}
+    model.load_state_dict({**model.state_dict(), **state})
+    return model
+
+
 def is_paper_format(path):
     try:  # torch.save's zip holds data.pkl; TTT/MEMO's has "err_cls"
         with zipfile.ZipFile(path) as z:
@@ -115,10 +140,10 @@ def is_paper_format(path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model, the checkpoint without its weights) for one of ours, the
-    paper's file ("paper" or a copy) or a RobustBench WRN state dict."""
-    if path == "paper":
-        path = paper_path()
+    """(model, the checkpoint without its weights) for one of ours, a published file
+    ("paper", "resnet56", or a copy) or a RobustBench WRN state dict."""
+    if path in KNOWN:
+        path = download(path)
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "not found"
         raise SystemExit(
@@ -147,10 +172,10 @@ def load_checkpoint(path, device="cpu"):
 
 def read_ours(path, device):
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(ckpt, dict) and "version" not in ckpt:  # RobustBench's
-        model = load_robustbench(ckpt)
+    if isinstance(ckpt, dict) and "version" not in ckpt:  # RobustBench's, akamaster's
+        model = load_resnet56(ckpt) or load_robustbench(ckpt)
         if model is not None:
-            return model, meta(model, {"test_acc": None, "source": path})
+            return model, meta(model, {"test_acc": ckpt.get("best_prec1"), "source": path})
     version = ckpt.get("version") if isinstance(ckpt, dict) else None
     if version is not None and version != CKPT_VERSION:
         raise SystemExit(
@@ -173,7 +198,7 @@ def load_source(args, dev):
     if args.ckpt == "imagenet":
         weights = None if args.weights == "none" else "imagenet"
         return common.prepare(build_model("resnet50", 1000, weights), dev), 0
-    if args.ckpt != "paper" and not os.path.exists(args.ckpt):
+    if args.ckpt not in KNOWN and not os.path.exists(args.ckpt):
         src = f"--data {args.data} --data_dir {args.data_dir}"
         if args.data.startswith("cifar"):
             src = "--data cifar10"
@@ -185,7 +210,7 @@ def load_source(args, dev):
     if args.data.startswith("cifar") and k != 10:
         raise SystemExit(f"error: {args.ckpt} has {k} outputs; CIFAR needs a "
                          "10-class source")
-    cifar_ok = args.arch == "resnet26" and source.arch == "wrn28_10"
+    cifar_ok = args.arch == "resnet26" and source.arch in ("wrn28_10", "resnet56")
     if source.arch != args.arch and not cifar_ok:
         raise SystemExit(f"error: {args.ckpt} holds a {source.arch}; --data "
                          f"{args.data} needs a {args.arch} source")

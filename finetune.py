@@ -115,7 +115,7 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--episodic", action="store_true", help="entropy: reset every batch")
     a("--ent_copies", type=int, default=0, help="entropy: N crop+flip copies")
     a = p.add_argument_group("run").add_argument
-    a("--ckpt", help="source: paper (downloaded once), imagenet, or a path")
+    a("--ckpt", help="source: paper, resnet56 (downloaded once), imagenet, or a path")
     a("--weights", default="imagenet", choices=["imagenet", "none"], help="--ckpt imagenet's")
     a("--seed", type=int, default=0, help="batch order and the rest")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -135,8 +135,9 @@ def parse_args(argv=None):
     args.changed = {k: v for k in NUMBER_FLAGS if (v := getattr(args, k)) != p.get_default(k)}
     if args.changed.get("snr_threshold") == SNR_THRESHOLD[args.snr]:
         del args.changed["snr_threshold"]
-    if "ckpt" in args.changed and checkpoints.is_paper_copy(args.ckpt):
-        del args.changed["ckpt"]  # the paper's model, from a local copy
+    if "ckpt" in args.changed and (name := checkpoints.known(args.ckpt)):  # a local copy
+        args.changed["ckpt"] = name  # of a published file: named as that file
+        args.changed = {k: v for k, v in args.changed.items() if (k, v) != ("ckpt", "paper")}
     check(args)
     return args
 

@@ -5,6 +5,7 @@ a time (their checkpoints: checkpoints.py).
 ResNet-26 (CIFAR, PROTOCOL.md section 1): pre-activation, GroupNorm, 366,938
 parameters. ResNet-50 (ImageNet family): torchvision's, BatchNorm. WRN-28-10:
 RobustBench's CIFAR net, the one the authors' released code fine-tunes.
+ResNet-56: a public BatchNorm CIFAR net of the authors' kind (akamaster).
 
     python model.py                    # the block table with parameter counts
     python model.py --arch resnet50    # the same for ResNet-50 (no download)
@@ -28,6 +29,8 @@ BLOCKS = {
                  "layer3": ("layer3.",), "layer4": ("layer4.",), "fc": ("fc.",)},
     "wrn28_10": {"layer1": ("conv1.", "block1."), "layer2": ("block2.",),
                  "layer3": ("block3.",), "fc": ("fc.",)},
+    "resnet56": {"layer1": ("conv1.", "bn1.", "layer1."), "layer2": ("layer2.",),
+                 "layer3": ("layer3.",), "fc": ("fc.",)},
 }
 # The forward pass as a chain of stages with the prefixes each holds: the
 # frozen stages before the first tuned one run once (finetune.py's cache).
@@ -39,6 +42,8 @@ STAGES = {
                  "layer4": ("layer4.",), "head": ("fc.",)},
     "wrn28_10": {"conv1": ("conv1.",), "block1": ("block1.",), "block2": ("block2.",),
                  "block3": ("block3.",), "head": ("bn1.", "fc.")},
+    "resnet56": {"conv1": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",),
+                 "layer3": ("layer3.",), "head": ("fc.",)},
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -227,7 +232,63 @@ class WideResNet28(Staged):
         return getattr(self, name)(x)
 
 
-ARCHS = {"resnet26": ResNet26, "resnet50": ResNet50, "wrn28_10": WideResNet28}
+# -----------------------------------------------------------------------------
+# ResNet-56 of github.com/akamaster/pytorch_resnet_cifar10 (BatchNorm, option-A
+# shortcuts), its names but "fc" for its "linear" head
+
+class PostBlock(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN, + shortcut, -> ReLU; where the shape
+    changes the shortcut subsamples by 2 and zero-pads the channels."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.pad = (c_out - c_in) // 2 if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.pad is not None:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(h + x)
+
+
+class ResNet56(Staged):
+    """93.6% clean as published; inputs normalised with ImageNet's mean and std."""
+    arch = "resnet56"
+
+    def __init__(self, num_classes=10, n=9, widths=(16, 32, 64)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        c, layers = widths[0], []
+        for i, w in enumerate(widths):
+            s = 1 if i == 0 else 2
+            layers.append(nn.Sequential(*[PostBlock(c if j == 0 else w, w, s if j == 0 else 1)
+                                          for j in range(n)]))
+            c = w
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(c, num_classes)
+        for mod in self.modules():  # its kaiming_normal_ init
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(mod.weight)
+        for k, v in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            self.register_buffer(k, 255 * torch.tensor(v).view(1, 3, 1, 1), persistent=False)
+
+    def stage(self, name, x):
+        if name == "conv1":
+            if x.dtype == torch.uint8:
+                x = (x.float() - self.mean) / self.std
+            return F.relu(self.bn1(self.conv1(x)))
+        if name == "head":
+            return self.fc(x.mean((2, 3)))
+        return getattr(self, name)(x)
+
+
+ARCHS = {"resnet26": ResNet26, "resnet50": ResNet50, "wrn28_10": WideResNet28,
+         "resnet56": ResNet56}
 
 
 def build_model(arch="resnet26", num_classes=10, weights=None):
