@@ -28,6 +28,11 @@ import model
 COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17",
            "Entity-30": "entity30", "CIFAR-F": "cifar_flip", "Waterbirds": "waterbirds",
            "CelebA": "celeba"}  # column -> --data
+# Another published source (finetune.py --ckpt resnet56) gets columns of its own, beside the
+# paper's and out of Avg Rank
+SOURCES = {"resnet56": "RN56"}
+EXTRA = {f"{c} {n}": f"{d}@{s}" for s, n in SOURCES.items()
+         for c, d in (("CIFAR-C", "cifar_c"), ("CIFAR-F", "cifar_flip"))}
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all",
         "L1 Regularize": "l1", "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn",
         "Cross-Val per corruption (extra)": "crossval_c"}
@@ -44,8 +49,9 @@ def blocks():
     return tuple(dict.fromkeys(b for a in nets for b in model.BLOCKS[a]))
 
 
-def settings(r):
-    return ",".join(f"{k}={v}" for k, v in sorted((r.get("changed") or {}).items()))
+def settings(r, skip=()):
+    return ",".join(f"{k}={v}" for k, v in sorted((r.get("changed") or {}).items())
+                    if k not in skip)
 
 
 def load(folder):
@@ -72,11 +78,14 @@ def load(folder):
         rs.append((path, r))
     res = {}
     for path, r in rs:
+        src = (r.get("changed") or {}).get("ckpt")
+        src = src if src in SOURCES else None  # then its own columns
         tags = [r["variant"]] if r.get("variant") else []
-        tags += [settings(r)] if settings(r) else []
+        skip = ("ckpt",) if src else ()
+        tags += [settings(r, skip)] if settings(r, skip) else []
         r["main_settings"] = not tags
         tune = r["tune"] + "".join(f"[{g}]" for g in tags)
-        data = r["data"]
+        data = r["data"] + (f"@{src}" if src else "")
         if r.get("objective", "ce") != "ce":  # "cifar_c/memo": tables of its own
             data = f"{data}/{r['objective']}"
         key = (data, r["corruption"], tune, r["seed"])
@@ -105,8 +114,8 @@ def summarize(res):
     "ranks": {row: avg rank}, "picks": {column: Counter of blocks},
     "grid": {column: (corruptions, seeds)}, "tunes": {column: {tune: cell}}}.
     A column's expected grid is what its main-settings results cover."""
-    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}}
-    for col, data in COLUMNS.items():
+    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}, "rgn": {}}
+    for col, data in {**COLUMNS, **EXTRA}.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (c, tune, seed)
         if not rs:
             continue
@@ -124,6 +133,7 @@ def summarize(res):
                 best = max(cands, key=lambda b: (val[b], -cands.index(b)))
                 acc["crossval"].update({(c, s): rs[(c, best, s)]["test_acc"] for c in cs})
                 picks[best] += 1
+                out["rgn"].setdefault(col, {})[s] = best  # Cross-Val's pick per seed
         for c, s in grid:  # the extra row: a choice per (corruption, seed)
             if cands and all((c, b, s) in rs for b in cands):
                 best = max(cands, key=lambda b: (rs[(c, b, s)]["val_acc"], -cands.index(b)))
@@ -138,12 +148,34 @@ def summarize(res):
             d = [v - full[k] for k, v in sorted(acc.get(b, {}).items()) if k in full]
             out["fig2"][(b, col)] = (*interval(d), len(d) == len(grid)) if d else None
     ranks = {t: [] for t in RANKED}
-    for col in out["grid"]:
+    for col in [c for c in out["grid"] if c in COLUMNS]:
         means = {t: round(c[0], 1) for t in RANKED  # complete cells only
                  if (c := out["cells"][(ROW_OF[t], col)]) and c[3]}
         for t, v in means.items():  # 1 + how many are strictly better
             ranks[t].append(1 + sum(u > v for u in means.values()))
     out["ranks"] = {ROW_OF[t]: sum(r) / len(r) if r else None for t, r in ranks.items()}
+    return out
+
+
+def rgn_rates(res, s):
+    """{column: ({block: Auto-RGN's mean first-epoch rate multiplier}, runs where the
+    largest is Cross-Val's pick, runs)}: the paper's reason for Auto-RGN, checked."""
+    out = {}
+    for col, data in {**COLUMNS, **EXTRA}.items():
+        firsts, agree = [], 0
+        for k, r in res.items():
+            if k[0] != data or k[2] != "auto_rgn":
+                continue
+            h = next((h for h in r.get("history", []) if h.get("lr") == r["selected"]["lr"]
+                      and h.get("rgn")), None)  # the selected lr's
+            if not h:
+                continue
+            firsts.append(h["rgn"][0])
+            agree += max(h["rgn"][0], key=h["rgn"][0].get) == s["rgn"].get(col, {}).get(k[3])
+        if firsts:
+            bs = [b for b in blocks() if any(b in f for f in firsts)]
+            out[col] = ({b: sum(f[b] for f in firsts if b in f) / len(firsts) for b in bs},
+                        agree, len(firsts))
     return out
 
 
@@ -162,7 +194,7 @@ def head(first, cols):
 def render(res, notes, folder):
     """The markdown of table.md."""
     s = summarize(res)
-    cols = list(COLUMNS)
+    cols = list(COLUMNS) + [c for c in EXTRA if c in s["grid"]]
     lines = [f"# Target-test accuracy (%), mean (std) over seeds: {len(res)} results in "
              f"{folder}", ""] + head("Method", cols + ["Avg Rank"])
     for row in ROWS:
@@ -182,7 +214,7 @@ def render(res, notes, folder):
                      "there), selected on worst-group val accuracy; each result's "
                      "test_avg_acc holds the average over the 4 groups.")
     for key in SAME:  # protocols averaged together in a column: say so
-        for col, data in COLUMNS.items():
+        for col, data in {**COLUMNS, **EXTRA}.items():
             seen = sorted({repr(v) for k, r in res.items() if k[0] == data
                            and r["main_settings"]
                            and (v := r.get("args", {}).get(key)) not in ("", None)})
@@ -201,6 +233,17 @@ def render(res, notes, folder):
         lines.append(f"| {b} | {' | '.join(cells)} |")
     full = [fmt(s["cells"][("Full Fine-Tuning", c)]) for c in dcols]
     lines.append(f"| all (absolute) | {' | '.join(full)} |")
+    rates = rgn_rates(res, s)
+    if rates:
+        bs = [b for b in blocks() if any(b in v[0] for v in rates.values())]
+        lines += ["", "## Auto-RGN's rate per block (the paper's reason for it, checked)", "",
+                  "Auto-RGN's first-epoch lr multiplier (RGN / the largest RGN), mean over each "
+                  "block's tensors and the runs, at the selected lr; the last column: runs whose "
+                  "largest block is the one Cross-Val picks.", ""]
+        lines += head("Column", bs + ["largest = Cross-Val's pick"])
+        for c, (m, agree, n) in rates.items():
+            cells = [f"{m[b]:.2f}" if b in m else "-" for b in bs] + [f"{agree} of {n} runs"]
+            lines.append(f"| {c} | {' | '.join(cells)} |")
     order = ("none",) + blocks() + RANKED
     tunes = sorted({t for c in dcols for t in s["tunes"][c]},
                    key=lambda t: (order.index(t) if t in order else len(order), t))
@@ -230,13 +273,14 @@ def verdict(ours, paper):
 def versus_paper(s, res):
     """Our CIFAR cells beside the paper's, and the paper's claims checked."""
     cols = [c for c in ("CIFAR-C", "CIFAR-F") if c in s["grid"]]
-    if not cols:
+    more = [c for c in EXTRA if c in s["grid"]]  # claims for another source too
+    if not cols + more:
         return []
     lines = ["", "## Beside the paper (CIFAR columns)", "", "Reproduces = within 2 "
              "points or within the seed spread (the larger std).", ""]
     lines += head("Method", [x for c in cols for x in (f"{c} ours", f"{c} paper",
                                                        "verdict")])
-    for row in list(ROWS)[:6]:
+    for row in list(ROWS)[:6] if cols else []:
         cells = []
         for c in cols:
             ours, paper = s["cells"][(row, c)], PAPER[(row, c)]
@@ -246,17 +290,18 @@ def versus_paper(s, res):
     lines += ["", "Claims, each on the paired differences over the (corruption, seed) runs both "
               "sides have: mean [95% t interval]. holds: the interval is on the claimed side; "
               "fails: on the other; not resolved: it covers 0."]
+    data, cols = {**COLUMNS, **EXTRA}, cols + more
     runs = [(c, "") for c in cols]  # then under the authors' variations that were run
     runs += [(c, t) for c in cols for t in sorted(
-        {k[2][k[2].index("["):] for k in res if k[0] == COLUMNS[c] and "[" in k[2]})
+        {k[2][k[2].index("["):] for k in res if k[0] == data[c] and "[" in k[2]})
         if set(re.findall(r"(?:\[|,)(\w+)=", t)) <= set(VARIATIONS)]
     for c, tag in runs:
-        best = "layer1" if c == "CIFAR-C" else "fc"
+        best = "layer1" if c.startswith("CIFAR-C") else "fc"
         if not tag:  # the best block above every other one, and above all
             others = [b for b in blocks() + ("all",) if b != best]
-            lines += claim(res, COLUMNS[c], c, best, others, "above every other block and all")
-        lines += claim(res, COLUMNS[c], c + tag, best + tag, ["all" + tag], "above all")
-        lines += claim(res, COLUMNS[c], c + tag, "auto_rgn" + tag, ["all" + tag], "at or above all")
+            lines += claim(res, data[c], c, best, others, "above every other block and all")
+        lines += claim(res, data[c], c + tag, best + tag, ["all" + tag], "above all")
+        lines += claim(res, data[c], c + tag, "auto_rgn" + tag, ["all" + tag], "at or above all")
     pairs = (("layer1", "all"), ("all", "none"), ("fc", "none"))  # MEMO's ordering
     if all(diffs(res, "cifar_c/memo", a, b) for a, b in pairs):
         cis = [interval(diffs(res, "cifar_c/memo", a, b)) for a, b in pairs]
@@ -364,7 +409,7 @@ def unsupervised(res):
     return lines
 
 
-def figure(s, path):
+def figure(res, s, path):
     """The paper's Figure 2 from our runs: a panel per column, a bar per block, its test
     accuracy minus full fine-tuning's with the 95% interval as the error bar."""
     import matplotlib
@@ -373,7 +418,16 @@ def figure(s, path):
     cols = [c for c in s["grid"] if any(s["fig2"].get((b, c)) for b in blocks())]
     if not cols:
         raise SystemExit("error: --figure needs results of blocks and of all in one column")
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.8), squeeze=False)
+    rates = rgn_rates(res, s)
+    rows = 2 if any(c in rates for c in cols) else 1
+    fig, axes = plt.subplots(rows, len(cols), figsize=(3.2 * len(cols), 2.8 * rows),
+                             squeeze=False)
+    for ax, c in zip(axes[-1], cols if rows == 2 else []):  # the lower row: Auto-RGN's rates
+        m = rates.get(c, ({}, 0, 0))[0]
+        ax.bar(list(m), list(m.values()), color="#999933")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{c}: Auto-RGN's rate", fontsize=9)
+        ax.tick_params(labelsize=8)
     for ax, c in zip(axes[0], cols):
         bs = [b for b in blocks() if s["fig2"].get((b, c))]
         f = [s["fig2"][(b, c)] for b in bs]  # (mean, low, high, complete)
@@ -387,6 +441,8 @@ def figure(s, path):
         ax.set_title(c, fontsize=10)
         ax.tick_params(labelsize=8)
     axes[0][0].set_ylabel("accuracy - full fine-tuning (%)", fontsize=8)
+    axes[-1][0].set_ylabel("lr multiplier, first epoch" if rows == 2 else axes[0][0].get_ylabel(),
+                           fontsize=8)
     fig.tight_layout()
     common.atomic_save(fig, path, lambda f, tmp: f.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -415,7 +471,7 @@ def main(argv=None):
     print(f"written to {out}")
     if args.figure:
         common.check_writable(args.figure, "--figure")
-        figure(summarize(res), args.figure)
+        figure(res, summarize(res), args.figure)
         print(f"figure: {args.figure}")
     return md
 

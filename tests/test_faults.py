@@ -152,7 +152,8 @@ def test_progress_says_where_and_the_eta(tiny, tmp_path, monkeypatch, capsys):
 def test_a_local_copy_of_the_papers_file_is_the_papers_model(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     path.write_bytes(b"the paper's bytes")
-    monkeypatch.setattr(checkpoints, "PAPER_SHA256", checkpoints.sha256(str(path)))
+    url, _, name = checkpoints.KNOWN["paper"]
+    monkeypatch.setitem(checkpoints.KNOWN, "paper", (url, checkpoints.sha256(str(path)), name))
     args = finetune.parse_args(["--ckpt", str(path), "--corruption", "fog"])
     assert os.path.basename(finetune.result_path(args, "fog")) == "cifar_c-fog-layer1-s0.json"
 
