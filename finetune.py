@@ -30,9 +30,9 @@ import model
 import rgn
 import unsupervised
 
-# The protocol per target dataset (PROTOCOL.md sections 4, 5, 8), keyed by flag name: the
-# flags' defaults. *_per_class: per group for waterbirds / celeba; test_per_class 0: all the
-# rest; imagenet_c's train_n None: 5 a class. The CIFAR head alone takes FC_LRS.
+# The protocol per target dataset (PROTOCOL.md sections 4, 5, 8) keyed by flag name: the flags'
+# defaults. *_per_class: per group for waterbirds / celeba; test_per_class 0: all the rest;
+# imagenet_c's train_n None: 5 a class. The CIFAR head alone takes FC_LRS.
 CIFAR = dict(arch="resnet26", train_n=1000, val_per_class=10, test_per_class=90, epochs=15,
              lrs="1e-3,1e-4,1e-5", wd=1e-4, ckpt="paper", data_dir="data")
 BREEDS = dict(arch="resnet50", train_n=850, val_per_class=10, test_per_class=0, epochs=15,
@@ -51,6 +51,8 @@ PROTOCOL = {
                        data_dir="data/waterbird_complete95_forest2water2"),
     "celeba": dict(GROUPS, epochs=50, lrs="1e-3,5e-4,1e-4", ckpt="ckpt/celeba.pt",
                    data_dir="data"),
+    "tiny_breeds": dict(BREEDS, arch="resnet26", image_size=32, ckpt="ckpt/tiny_breeds.pt",
+                        data_dir="data/tiny-imagenet-200"),  # ours (imagenet.py)
 }
 MEMO = dict(test_per_class=100, corruption="standard15")  # its table's: 100 a class
 FC_LRS = "1e-1,1e-2,1e-3"
@@ -58,8 +60,7 @@ FC_LRS = "1e-1,1e-2,1e-3"
 # names to train, picked once before the grid. Each starts from every parameter.
 METHODS = {"auto_rgn": None, "auto_snr": None, "l1": None}
 SNR_THRESHOLD = {"eb": 0.95, "per_example": 0.2}  # the authors'; ours
-# The flags that change a run's numbers: one set away from its --data default tags the
-# result's name (result_path).
+# The flags that change a run's numbers: one set away from its default tags the result's name
 NUMBER_FLAGS = ("severity", "corruption_seed", "train_n", "val_per_class", "test_per_class",
                 "split_seed", "cifar10c_dir", "lrs", "epochs", "batch_size", "wd",
                 "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "bn", "image_size",
@@ -108,8 +109,7 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--objective", default="ce", choices=["ce", "memo", "entropy"])
     a("--memo_copies", type=int, default=32, help="AugMix copies an image")
     a("--memo_lr", type=float, default=0.005, help="MEMO's SGD step")
-    # TENT's CIFAR setting. One lr for every --tune: without labels, no val to choose on.
-    a("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr")
+    a("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr (TENT's, one for every tune)")
     a("--ent_steps", type=int, default=1, help="entropy: steps a batch")
     a("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
     a("--episodic", action="store_true", help="entropy: reset every batch")

@@ -18,18 +18,23 @@ from data import STANDARD15, parse_names, per_class_split, save_cache, target_sp
 
 IMAGENET_C15 = STANDARD15  # ImageNet-C has the same 15 standard types
 IMAGENET_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # also there
-FAMILY = ("imagenet_c", "living17", "entity30", "waterbirds", "celeba")
+FAMILY = ("imagenet_c", "living17", "entity30", "waterbirds", "celeba", "tiny_breeds")
 CACHE_MAX_BYTES = 2 << 30  # bigger sets are decoded each time: disk is not free
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 # BREEDS (Santurkar et al. 2021) as the robustness library builds them:
 # superclasses at this level below the WordNet root, inside this subtree
 # (None: all), with this many subclasses (half source, half target)
-BREEDS = {"living17": (5, "n00004258", 4), "entity30": (4, None, 8)}
+BREEDS = {"living17": (5, "n00004258", 4), "entity30": (4, None, 8),
+          "tiny_breeds": (4, None, 4)}  # ours, from Tiny-ImageNet's 200 classes
+# Tiny-ImageNet-200 (cs231n.stanford.edu/tiny-imagenet-200.zip): 64 px, train/<wnid>/images/,
+# val/images/ + val/val_annotations.txt, wnids.txt. Some copies carry these two classes too.
+TINY_EXTRA, TINY_N = ("n02480855", "n10148035"), 200
 BREEDS_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
 
 
-def _read_image(path, size):
-    """uint8 (3,size,size): shorter side to size*256/224, center crop."""
+def _read_image(path, size, crop=True):
+    """uint8 (3,size,size): shorter side to size*256/224, center crop (crop=False: the
+    whole image resized, Tiny-ImageNet's)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
     from torchvision.transforms.v2 import functional as F
     try:
@@ -42,11 +47,13 @@ def _read_image(path, size):
                          "incomplete, extract it again")
     if x.shape[1:] == (size, size):
         return x  # ImageNet-C's images are 224x224 crops already
+    if not crop:
+        return F.resize(x, [size, size], antialias=True)
     x = F.resize(x, round(size * 256 / 224), antialias=True)  # bilinear
     return F.center_crop(x, size)
 
 
-def read_images(paths, size=224, cache_dir=None, threads=8):
+def read_images(paths, size=224, cache_dir=None, threads=8, crop=True):
     """uint8 (N,3,size,size), decoded in threads. With cache_dir, a set of at
     most CACHE_MAX_BYTES is cached, keyed by the files' paths, sizes, inodes
     and times (thousands of files: stat, not content)."""
@@ -57,7 +64,8 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
                 _read_image(p, size)  # raises the one-line error naming it
         stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns, s.st_ino)
                  for p in paths for s in [os.stat(p)]]
-        key = hashlib.sha1(repr((stats, size)).encode()).hexdigest()[:16]
+        key = hashlib.sha1(repr((stats, size) + ((crop,) if not crop else ())).encode())
+        key = key.hexdigest()[:16]
         cache = os.path.join(cache_dir, f"images_{n}x{size}_{key}.pt")
         cached = load_cache(cache)
         if cached is not None:
@@ -65,7 +73,7 @@ def read_images(paths, size=224, cache_dir=None, threads=8):
     x = torch.empty((n, 3, size, size), dtype=torch.uint8)  # no second copy
     pool = ThreadPoolExecutor(threads)
     try:  # map re-raises a worker's SystemExit
-        for i, img in enumerate(pool.map(_read_image, paths, [size] * n)):
+        for i, img in enumerate(pool.map(_read_image, paths, [size] * n, [crop] * n)):
             x[i] = img
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, stop at once
@@ -134,10 +142,11 @@ def _pairs(path, sep, fmt):
     return rows
 
 
-def breeds_classes(name, info_dir):
+def breeds_classes(name, info_dir, only=None):
     """The superclasses of "living17" / "entity30" from the BREEDS-Benchmarks
     files, split as the robustness library's split="rand": (superclass wnids,
-    source wnids per superclass, target wnids per superclass, names)."""
+    source wnids per superclass, target wnids per superclass, names). only: the
+    classes to build from (Tiny-ImageNet's), instead of ImageNet's 1000."""
     if name not in BREEDS:
         raise SystemExit(f"error: unknown BREEDS dataset {name!r}; valid: "
                          f"{', '.join(BREEDS)}")
@@ -157,6 +166,12 @@ def breeds_classes(name, info_dir):
     if not leaves:
         raise SystemExit(f"error: {info} is malformed; expected a JSON list "
                          "of [class_number, wnid, name, ...]")
+    if only is not None:
+        unknown = sorted(set(only) - leaves)
+        if unknown:
+            raise SystemExit(f"error: class {unknown[0]} is not an ImageNet class of {info}; "
+                             "is --data_dir Tiny-ImageNet-200?")
+        leaves = set(only)
     parents = defaultdict(list)
     for p, c in _pairs(edges_file, None, "one 'parent_wnid child_wnid' edge per line"):
         parents[c].append(p)
@@ -209,6 +224,8 @@ def breeds_files(name, imagenet_dir, info_dir):
     """<imagenet_dir>/{train,val}/<wnid>/*.JPEG -> {"source_train",
     "source_test", "target_train", "target_test"}: (paths, y = superclass);
     *_train from ImageNet train, *_test from val; target: unseen subclasses."""
+    if name == "tiny_breeds":
+        return tiny_files(imagenet_dir, info_dir)
     _, source, target, _ = breeds_classes(name, info_dir)
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(imagenet_dir, split)):
@@ -219,6 +236,45 @@ def breeds_files(name, imagenet_dir, info_dir):
                 [[os.path.join(imagenet_dir, split, w) for w in ws] for ws in subs])
             for domain, subs in (("source", source), ("target", target))
             for part, split in (("train", "train"), ("test", "val"))}
+
+
+def tiny_files(root, info_dir):
+    """breeds_files() of Tiny-ImageNet-200: train from train/<wnid>/images/, test from
+    val/images/ by val/val_annotations.txt; the official 200 classes (extras dropped)."""
+    layout = ("the tiny-imagenet-200 folder: wnids.txt, train/<wnid>/images/*.JPEG, "
+              "val/images/*.JPEG, val/val_annotations.txt")
+    for need in ("wnids.txt", "train", os.path.join("val", "images"),
+                 os.path.join("val", "val_annotations.txt")):
+        if not os.path.exists(os.path.join(root, need)):
+            raise SystemExit(f"error: {os.path.join(root, need)} is missing; --data_dir must "
+                             f"be {layout}")
+    wnids = open(os.path.join(root, "wnids.txt")).read().split()
+    extra = [w for w in wnids if w in TINY_EXTRA]
+    wnids = sorted(set(wnids) - set(TINY_EXTRA))
+    if extra:
+        print(f"note: {root} holds {', '.join(extra)} beyond the official {TINY_N}: dropped")
+    if len(wnids) != TINY_N:
+        raise SystemExit(f"error: {root}/wnids.txt lists {len(wnids)} classes, not the "
+                         f"official {TINY_N}; --data_dir must be {layout}")
+    val = defaultdict(list)
+    ann = os.path.join(root, "val", "val_annotations.txt")
+    for i, line in enumerate(open(ann), 1):
+        f = line.split("\t")
+        if len(f) < 2 or (f[1] not in wnids and f[1] not in TINY_EXTRA):
+            raise SystemExit(f"error: {ann} line {i}: unknown class {f[1] if len(f) > 1 else f[0]!r}"
+                             "; expected '<file>\t<wnid of wnids.txt>\t...'")
+        val[f[1]].append(os.path.join(root, "val", "images", f[0]))
+    _, source, target, _ = breeds_classes("tiny_breeds", info_dir, wnids)
+
+    def train(subs):
+        return _class_images([[os.path.join(root, "train", w, "images") for w in ws]
+                              for ws in subs])
+
+    def test(subs):
+        pairs = [(p, k) for k, ws in enumerate(subs) for w in ws for p in sorted(val[w])]
+        return [p for p, _ in pairs], torch.tensor([k for _, k in pairs], dtype=torch.int64)
+    return {"source_train": train(source), "source_test": test(source),
+            "target_train": train(target), "target_test": test(target)}
 
 
 def _pick(value, allowed, path, where, column):
@@ -314,8 +370,9 @@ def family_source(name, root, info_dir=None, size=224, cache_dir=None, limit=0):
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(paths), generator=g)[:limit].sort().values
         paths, y = [paths[i] for i in idx.tolist()], y[idx]
-    test = None if test is None else (read_images(test[0], size, cache_dir), test[1])
-    return {"train": (read_images(paths, size, cache_dir), y), "test": test}, k
+    crop = name != "tiny_breeds"  # Tiny-ImageNet's 64 px images are resized whole
+    test = None if test is None else (read_images(test[0], size, cache_dir, crop=crop), test[1])
+    return {"train": (read_images(paths, size, cache_dir, crop=crop), y), "test": test}, k
 
 
 def family_target(name, root, info_dir=None, corruption=None, severity=5,
@@ -345,7 +402,7 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5,
             counts = [[n // k + (c < n % k) for c in range(k)],  # spread
                       [10 if val_per_class is None else val_per_class] * k]
             xs, ys = f["source_test"]
-            source_test = (read_images(xs, size, cache_dir), ys)
+            source_test = (read_images(xs, size, cache_dir, crop=name != "tiny_breeds"), ys)
         else:  # group-balanced, drawn from the val split (our reading)
             s, k, n = group_files(name, root), 2, 400 if train_n is None else train_n
             if n % 4:
@@ -358,7 +415,8 @@ def family_target(name, root, info_dir=None, corruption=None, severity=5,
                               ("--test_per_class",))
         split = {"train": (paths, y, tr), "val": (paths, y, va), "test": (tpaths, ty, te)}
         groups = None if name in BREEDS else {"val": g[va], "test": tg[te]}
-    out = {s: (read_images([p[i] for i in idx.tolist()], size, cache_dir), y[idx])
+    crop = name != "tiny_breeds"
+    out = {s: (read_images([p[i] for i in idx.tolist()], size, cache_dir, crop=crop), y[idx])
            for s, (p, y, idx) in split.items()}
     return {**out, "groups": groups, "source_test": source_test, "num_classes": k,
             "counts": {s: len(v[1]) for s, v in out.items()}}

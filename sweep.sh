@@ -27,10 +27,11 @@ knob IMAGENET_DIR data/imagenet         # ImageNet {train,val}/ for BREEDS
 knob BREEDS_DIR data/breeds             # the BREEDS hierarchy files
 knob WATERBIRDS_DIR data/waterbird_complete95_forest2water2
 knob CELEBA_DIR data                    # torchvision's CelebA root
+knob TINY_DIR data/tiny-imagenet-200    # Tiny-ImageNet-200, for our tiny_breeds
 knob SEEDS "0 1 2" "0 1"
 knob CORRUPTIONS paper14 gaussian_noise  # CIFAR-C: names, paper14, standard15, all
 knob METHODS "none layer1 layer2 layer3 fc all l1 auto_snr auto_rgn"  # + layer4 on ResNet-50
-knob DATASETS "cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba"
+knob DATASETS "cifar_c cifar_flip imagenet_c living17 entity30 waterbirds celeba tiny_breeds"
 knob OBJECTIVE ce                       # ce (the table), memo or entropy
 knob EXTRA "" "--train_n 100 --val_per_class 5 --test_per_class 20 --epochs 2 --l1_lambdas 1e-4"
 knob DEVICE auto
@@ -40,7 +41,8 @@ knob OMP_NUM_THREADS $(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 )) && export 
 dataset() {  # sets F (--data_dir), B (--breeds_dir), S (source), C (corruptions), M
   # (methods); false when the dataset's folder is not there
   S=$FAMILY_CKPT/$1.pt F="" B="" C="" M=$METHODS
-  [[ $1 == cifar_* ]] || M=$(for m in $METHODS; do echo $m; [ $m != layer3 ] || echo layer4; done)
+  [[ $1 == cifar_* || $1 == tiny_* ]] ||  # ResNet-50: layer4 too
+    M=$(for m in $METHODS; do echo $m; [ $m != layer3 ] || echo layer4; done)
   case $1 in
     cifar_c) F=$DATA_DIR S=$CKPT C=$CORRUPTIONS;;
     cifar_flip) F=$DATA_DIR S=$CKPT;;
@@ -48,6 +50,7 @@ dataset() {  # sets F (--data_dir), B (--breeds_dir), S (source), C (corruptions
     living17|entity30) F=$IMAGENET_DIR B=$BREEDS_DIR && [ -d "$F/train" ];;
     waterbirds) F=$WATERBIRDS_DIR && [ -f "$F/metadata.csv" ];;
     celeba) F=$CELEBA_DIR && [ -f "$F/celeba/list_attr_celeba.txt" ];;
+    tiny_breeds) F=$TINY_DIR B=$BREEDS_DIR && [ -f "$F/wnids.txt" ];;
     *) echo "error: unknown dataset '$1' in DATASETS" >&2; exit 2;;
   esac
 }

@@ -33,6 +33,7 @@ COLUMNS = {"CIFAR-C": "cifar_c", "IN-C": "imagenet_c", "Living-17": "living17",
 SOURCES = {"resnet56": "RN56"}
 EXTRA = {f"{c} {n}": f"{d}@{s}" for s, n in SOURCES.items()
          for c, d in (("CIFAR-C", "cifar_c"), ("CIFAR-F", "cifar_flip"))}
+EXTRA["Tiny-BREEDS"] = "tiny_breeds"  # our feature-level shift (imagenet.py)
 ROWS = {"No Adaptation": "none", "Cross-Val": "crossval", "Full Fine-Tuning": "all",
         "L1 Regularize": "l1", "Auto-SNR": "auto_snr", "Auto-RGN": "auto_rgn",
         "Cross-Val per corruption (extra)": "crossval_c"}
@@ -296,6 +297,14 @@ def versus_paper(s, res):
         {k[2][k[2].index("["):] for k in res if k[0] == data[c] and "[" in k[2]})
         if set(re.findall(r"(?:\[|,)(\w+)=", t)) <= set(VARIATIONS)]
     for c, tag in runs:
+        if c == "Tiny-BREEDS":  # a middle block best: the better of layer2 and layer3
+            mids = [(sum(d) / len(d), b) for b in ("layer2", "layer3")
+                    if (d := diffs(res, data[c], b + tag, "all" + tag))]
+            if mids and not tag:
+                mid = max(mids)[1]
+                lines += claim(res, data[c], c, mid, ["layer1", "fc", "all"],
+                               "a middle block above layer1, fc and all")
+            continue
         best = "layer1" if c.startswith("CIFAR-C") else "fc"
         if not tag:  # the best block above every other one, and above all
             others = [b for b in blocks() + ("all",) if b != best]

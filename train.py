@@ -40,6 +40,8 @@ RECIPES = {
                        data_dir="data/waterbird_complete95_forest2water2"),
     "celeba": dict(arch="resnet50", epochs=50, lr=1e-4, wd=1e-4, milestones="none",
                    data_dir="data"),
+    "tiny_breeds": dict(arch="resnet26", epochs=30, lr=0.1, wd=5e-4, milestones=None,
+                        data_dir="data/tiny-imagenet-200", image_size=32),  # ours, from scratch
 }
 # what a --resume must share with the killed run
 STATE_KEYS = ("data", "arch", "epochs", "milestones", "batch_size", "lr", "momentum",
@@ -54,7 +56,7 @@ def parse_args(argv=None):
     a("--data", default="cifar10", choices=list(RECIPES), help="picks the recipe")
     a("--data_dir", help="the dataset's folder (default: the recipe's)")
     a("--breeds_dir", default="data/breeds", help="living17, entity30: hierarchy")
-    a("--image_size", type=int, default=224, help="ImageNet family: crop size")
+    a("--image_size", type=int, help="ImageNet family: crop size (default 224; tiny: 32)")
     a("--cache_dir", default="data/cache", help="decoded tensors")
     a("--holdout", type=int, default=0, help="keep the last N CIFAR training "
       "images out (they join finetune.py's target pool)")
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     for flag, value in RECIPES[args.data].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
+    args.image_size = args.image_size or 224
     if not args.milestones:
         args.milestones = f"{round(args.epochs * 2 / 3)},{round(args.epochs * 13 / 15)}"
     if min(args.epochs, args.batch_size) < 1 or min(args.limit, args.holdout) < 0:
