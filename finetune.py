@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import checkpoints
 import common
 import data
+import imagenet
 import model
 import rgn
 import unsupervised
@@ -130,8 +131,7 @@ def parse_args(argv=None):
     first, _ = parser(add_help=False).parse_known_args(argv)  # --data, --objective
     p = parser(first.data, first.objective)
     args = p.parse_args(argv)
-    if args.snr_threshold is None:
-        args.snr_threshold = SNR_THRESHOLD[args.snr]
+    args.snr_threshold = SNR_THRESHOLD[args.snr] if args.snr_threshold is None else args.snr_threshold
     args.changed = {k: v for k in NUMBER_FLAGS if (v := getattr(args, k)) != p.get_default(k)}
     if args.changed.get("snr_threshold") == SNR_THRESHOLD[args.snr]:
         del args.changed["snr_threshold"]
@@ -168,8 +168,13 @@ def check(args):
                    "--memo_lr > 0, all finite")
     if not args.corruption:
         bad.append("--corruption is empty; give a name, a list or a preset")
-    if args.data not in ("cifar_c", "imagenet_c") and args.corruption != "clean":
-        bad.append(f"--corruption does not apply to --data {args.data}")
+    shifts = args.data in ("cifar_c", "imagenet_c")  # flags set where they do not apply:
+    off = {"corruption": not shifts and args.corruption != "clean", "severity": not shifts,
+           "corruption_seed": args.data != "cifar_c", "cifar10c_dir": args.data != "cifar_c",
+           "image_size": args.data.startswith("cifar")}
+    off = [k for k, v in off.items() if v and (k == "corruption" or k in args.changed)]
+    if off:
+        bad.append(f"--{', --'.join(off)} does not apply to --data {args.data}")
     if args.objective == "entropy" and args.tune in ("auto_snr", "l1"):
         bad.append("--objective entropy cannot run auto_snr or l1 (they use labels)")
     if args.objective == "memo" and (args.tune in METHODS or args.data != "cifar_c"):
@@ -182,12 +187,9 @@ def check(args):
 
 
 def corruptions(args):
-    if args.data == "cifar_c":
-        return data.parse_names(args.corruption)
     if args.data == "imagenet_c":
-        from imagenet import parse_imagenet_c
-        return parse_imagenet_c(args.corruption)
-    return ["clean"]
+        return imagenet.parse_imagenet_c(args.corruption)
+    return data.parse_names(args.corruption) if args.data == "cifar_c" else ["clean"]
 
 
 # The methods side by side: what a run may train (before the grid), each epoch's optimizer
@@ -468,11 +470,8 @@ def main(argv=None):
     common.check_writable(os.path.join(args.out_dir, "result.json"), "--out_dir")
     dev = common.get_device(args.device, args.cpu_bf16)
     source, holdout = checkpoints.load_source(args, dev)
-    if args.data.startswith("cifar"):
-        load = data.cifar_target(args, holdout, dev)
-    else:
-        from imagenet import imagenet_target
-        load = imagenet_target(args, source.fc.out_features, dev)
+    load = (data.cifar_target(args, holdout, dev) if args.data.startswith("cifar")
+            else imagenet.imagenet_target(args, source.fc.out_features, dev))
     print(describe(args, source))
     results, clean, acc_before, t0 = [], None, None, time.time()
     for i, c in enumerate(todo):
@@ -491,8 +490,8 @@ def main(argv=None):
                 print(f"[{c} {i + 1}/{len(todo)}, {el}] {line}", flush=True)
             results.append(run(args, source, target, clean_c, c, acc_before, log))
     if len(results) > 1:
-        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: test "
-              f"{sum(r['test_acc'] for r in results) / len(results):.2f}%")
+        mean = sum(r["test_acc"] for r in results) / len(results)
+        print(f"mean over {len(results)} corruptions, tune={args.tune} seed={args.seed}: {mean:.2f}%")
     return results
 
 

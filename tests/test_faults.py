@@ -109,10 +109,15 @@ def test_gallery_indices_and_table_out_are_one_line(tiny, tmp_path):
     assert "--images" in one_line(e) and not (tmp_path / "g.png").exists()
 
 
-def test_a_flag_that_does_not_apply_is_refused():
+@pytest.mark.parametrize("argv, flag", [
+    (["--data", "cifar_flip", "--corruption", "fog"], "--corruption"),
+    (["--data", "cifar_flip", "--severity", "3"], "--severity"),
+    (["--data", "living17", "--cifar10c_dir", "x"], "--cifar10c_dir"),
+    (["--data", "cifar_c", "--image_size", "64"], "--image_size")])
+def test_a_flag_that_does_not_apply_is_refused(argv, flag):
     with pytest.raises(SystemExit) as e:
-        finetune.parse_args(["--data", "cifar_flip", "--corruption", "fog"])
-    assert "does not apply" in one_line(e)
+        finetune.parse_args(argv)
+    assert f"{flag} does not apply" in one_line(e)
 
 
 def put(folder, tune, test, val, **changed):
