@@ -240,3 +240,10 @@ def test_the_documents_show_the_committed_results():
                 block = []
         ours = [b for b in blocks if b.startswith(("| Method |", "| Tune |", "| Column |"))]
         assert ours and all(b in md for b in ours), f"{doc}'s tables are {fix}"
+
+
+def test_the_figure_draws_from_results(cifar):
+    table.main(["--results", str(cifar), "--figure", str(cifar / "fig" / "figure2.png")])
+    png = (cifar / "fig" / "figure2.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert sorted(p.name for p in (cifar / "fig").iterdir()) == ["figure2.png"]  # no temp file
