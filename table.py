@@ -370,9 +370,10 @@ def claim(res, data, column, tune, others, want):
     n = len(diffs(res, data, tune, worst))
     per = []
     seeds = sorted({k[3] for k in res if k[0] == data and k[2] == tune})
-    for s in seeds if len(seeds) > 1 else []:
+    for s in seeds if len(seeds) > 1 else []:  # a seed lacking a side is left out
         ds = [diffs(res, data, tune, o, s) for o in others]
-        per.append(f"seed {s} {judge([interval(d)[1:] for d in ds if d])}")
+        if all(ds):
+            per.append(f"seed {s} {judge([interval(d)[1:] for d in ds])}")
     name = f"{tune.split('[')[0]} - {worst.split('[')[0]}"
     closest = ", the closest" if len(others) > 1 else ""
     return [f"- {column}: {name} {fmt_ci(*cis[worst])} ({n} pairs{closest}); the paper: "
