@@ -135,9 +135,10 @@ def parse_args(argv=None):
     args.changed = {k: v for k in NUMBER_FLAGS if (v := getattr(args, k)) != p.get_default(k)}
     if args.changed.get("snr_threshold") == SNR_THRESHOLD[args.snr]:
         del args.changed["snr_threshold"]
-    if "ckpt" in args.changed and (name := checkpoints.known(args.ckpt)):  # a local copy
-        args.changed["ckpt"] = name  # of a published file: named as that file
-        args.changed = {k: v for k, v in args.changed.items() if (k, v) != ("ckpt", "paper")}
+    if "ckpt" in args.changed and (name := checkpoints.known(args.ckpt)):  # a published file's
+        args.changed["ckpt"] = name  # local copy is named as that file; the paper's is the default
+        if name == "paper":
+            del args.changed["ckpt"]
     check(args)
     return args
 
