@@ -99,10 +99,6 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--prefix_cache_gb", type=float, default=16, help="for the frozen stages' output")
     a = p.add_argument_group("automatic methods (rgn.py)").add_argument
     a("--l1_lambdas", default="1e-5,1e-4,1e-3", help="l1: lambda grid")
-    a("--rgn_measure", default="before", choices=["before", "train"],
-      help="auto_rgn: 5 batches at the epoch's start (the authors'), or its first 5")
-    a("--rgn_keep_state", action="store_true", help="auto_rgn: keep Adam's moments")
-    a("--rgn_include_norm", action="store_true", help="auto_rgn: train norms too")
     a("--snr", default="eb", choices=["eb", "per_example"], help="the authors', or ours")
     a("--snr_threshold", type=float, help=f"auto_snr: {SNR_THRESHOLD}")
     a("--snr_n", type=int, default=128, help="auto_snr per_example: images")
@@ -216,27 +212,23 @@ def method_params(args, source, train, log=print):
         log(f"auto_snr: {len(names)}/{len(scores)} tensors >= {args.snr_threshold}: {blocks}")
         return names, names, {"criterion": "per_example", "scores": scores,
                               "threshold": args.snr_threshold, "selected": names}
-    if args.tune == "auto_rgn" and not args.rgn_include_norm:
+    if args.tune == "auto_rgn":
         return names, [n for n in names if n not in norms], None
     return names, names, None
 
 
-def method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps):
+def method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches):
     """The optimizer for the next epoch (None: nothing trains in it)."""
     if args.tune == "auto_rgn":  # Adam, a rate per tensor: lr * RGN / max RGN
         if opt is None:
             named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-            opt = rgn.AutoRGN(named, lr, args.wd, keep_state=args.rgn_keep_state,
-                              steps_per_epoch=None if args.rgn_measure == "before" else steps,
-                              include_norm=args.rgn_include_norm,
-                              norm_names=rgn.norm_param_names(net))
+            opt = rgn.AutoRGN(named, lr, args.wd, norm_names=rgn.norm_param_names(net))
             model.freeze_except(net, opt.names)  # frozen norms need no grad
-        if args.rgn_measure == "before":  # the authors': 5 batches, no step
-            opt.new_epoch()
-            for xb, yb in probe_batches():
-                loss_of(xb, yb).backward()
-                opt.measure()
-                opt.zero_grad(set_to_none=True)
+        opt.new_epoch()  # the authors': 5 batches at the epoch's start, no step
+        for xb, yb in probe_batches():
+            loss_of(xb, yb).backward()
+            opt.measure()
+            opt.zero_grad(set_to_none=True)
         return opt
     if args.tune == "auto_snr" and args.snr == "eb":  # scores >= threshold train
         model.freeze_except(net, names)
@@ -278,7 +270,6 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0, 
     if args.tune == "auto_rgn" or (args.tune == "auto_snr" and args.snr == "eb"):
         hist[args.tune.removeprefix("auto_")] = []  # per epoch and block: rates, or tensors
     opt, best, top, t0 = None, {}, -1.0, time.time()
-    steps = math.ceil(len(xtr) / args.batch_size)
 
     def loss_of(xb, yb):
         with common.autocast(dev):
@@ -289,7 +280,7 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0, 
         return itertools.islice(b, 5)
     for epoch in range(1, args.epochs + 1):
         net.train(args.bn == "train")  # ResNet-26: no BatchNorm, no dropout
-        opt = method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches, steps)
+        opt = method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches)
         tot, batches = 0.0, data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g)
         for step, (xb, yb) in enumerate(batches, 1):
             loss = loss_of(xb, yb)
@@ -381,12 +372,8 @@ def grid(args, source, names, target, log):
 # One run -> one result file; skipped when done, locked while running.
 
 def variant(args):
-    """Non-default settings of an automatic method, "+"-joined, or None."""
-    if args.tune == "auto_snr" and args.snr != "eb":
-        return f"snr_{args.snr}"
-    on = [n for n, v in (("measure_train", args.rgn_measure == "train"),
-                         ("keep_state", args.rgn_keep_state), ("with_norm", args.rgn_include_norm)) if v]
-    return "+".join(on) if args.tune == "auto_rgn" and on else None
+    """A non-default setting of an automatic method, or None."""
+    return f"snr_{args.snr}" if args.tune == "auto_snr" and args.snr != "eb" else None
 
 
 def result_path(args, corruption):

@@ -255,10 +255,12 @@ def render(res, notes, folder):
     return "\n".join(lines + unsupervised(res) + versus_paper(s, res)) + "\n"
 
 
-# The paper's CIFAR cells (its Table 1; PROTOCOL.md section 7): (mean, std)
+# The paper's cells (its Table 1; PROTOCOL.md section 7): (mean, std); BREEDS' beside Tiny-BREEDS
 PAPER = {(row, col): v for col, vals in (
     ("CIFAR-C", ((52.6, 0), (82.8, 0.6), (79.9, 0.7), (81.7, 0.6), (80.9, 0.7), (81.4, 0.6))),
-    ("CIFAR-F", ((0, 0), (93.8, 0.1), (85.9, 0.4), (84.2, 1.2), (17.3, 0.7), (87.7, 2.8))))
+    ("CIFAR-F", ((0, 0), (93.8, 0.1), (85.9, 0.4), (84.2, 1.2), (17.3, 0.7), (87.7, 2.8))),
+    ("Living-17", ((80.7, 1.8), (93.2, 0.3), (92.8, 0.7), (93.4, 0.5), (93.5, 0.2), (93.5, 0.3))),
+    ("Entity-30", ((58.6, 1.1), (81.2, 0.6), (79.3, 0.6), (78.4, 0.1), (77.3, 0.3), (80.6, 1.2))))
     for row, v in zip(ROWS, vals)}
 
 
@@ -289,6 +291,15 @@ def versus_paper(s, res):
             cells += [fmt(ours), f"{paper[0]:.1f} ({paper[1]:.1f})",
                       verdict(ours and ours[:2], paper)]
         lines.append(f"| {row} | {' | '.join(cells)} |")
+    if "Tiny-BREEDS" in more:  # our data, not theirs: the pattern compares, not the level
+        lines += ["", "Tiny-BREEDS (ours) beside the paper's feature-level columns (other data, "
+                  "network and scale):", ""]
+        lines += head("Method", ["Tiny-BREEDS ours", "Living-17 paper", "Entity-30 paper"])
+        for row in list(ROWS)[:6]:
+            paper = [f"{PAPER[(row, c)][0]:.1f} ({PAPER[(row, c)][1]:.1f})"
+                     for c in ("Living-17", "Entity-30")]
+            lines.append(f"| {row} | {fmt(s['cells'][(row, 'Tiny-BREEDS')])} | "
+                         f"{' | '.join(paper)} |")
     lines += ["", "Claims, each on the paired differences over the (corruption, seed) runs both "
               "sides have: mean [95% t interval]. holds: the interval is on the claimed side; "
               "fails: on the other; not resolved: it covers 0."]
@@ -298,18 +309,16 @@ def versus_paper(s, res):
         {k[2][k[2].index("["):] for k in res if k[0] == data[c] and "[" in k[2]})
         if set(re.findall(r"(?:\[|,)(\w+)=", t)) <= set(VARIATIONS)]
     for c, tag in runs:
-        if c == "Tiny-BREEDS":  # a middle block best: the better of layer2 and layer3
+        best, others = ("layer1" if c.startswith("CIFAR-C") else "fc"), None
+        if c == "Tiny-BREEDS":  # a middle block: the better of layer2 and layer3 against all
             mids = [(sum(d) / len(d), b) for b in ("layer2", "layer3")
                     if (d := diffs(res, data[c], b + tag, "all" + tag))]
-            if mids and not tag:
-                mid = max(mids)[1]
-                lines += claim(res, data[c], c, mid, ["layer1", "fc", "all"],
-                               "a middle block above layer1, fc and all")
-            continue
-        best = "layer1" if c.startswith("CIFAR-C") else "fc"
+            best, others = max(mids or [(0, "layer2")])[1], ["layer1", "fc", "all"]
         if not tag:  # the best block above every other one, and above all
-            others = [b for b in blocks() + ("all",) if b != best]
-            lines += claim(res, data[c], c, best, others, "above every other block and all")
+            want = "a middle block above layer1, fc and all" if others else \
+                "above every other block and all"
+            others = others or [b for b in blocks() + ("all",) if b != best]
+            lines += claim(res, data[c], c, best, others, want)
         lines += claim(res, data[c], c + tag, best + tag, ["all" + tag], "above all")
         lines += claim(res, data[c], c + tag, "auto_rgn" + tag, ["all" + tag], "at or above all")
     pairs = (("layer1", "all"), ("all", "none"), ("fc", "none"))  # MEMO's ordering
@@ -370,9 +379,9 @@ def claim(res, data, column, tune, others, want):
     n = len(diffs(res, data, tune, worst))
     per = []
     seeds = sorted({k[3] for k in res if k[0] == data and k[2] == tune})
-    for s in seeds if len(seeds) > 1 else []:  # a seed lacking a side is left out
+    for s in seeds if len(seeds) > 1 else []:  # a seed lacking a side or with one pair: out
         ds = [diffs(res, data, tune, o, s) for o in others]
-        if all(ds):
+        if min(map(len, ds)) > 1:
             per.append(f"seed {s} {judge([interval(d)[1:] for d in ds])}")
     name = f"{tune.split('[')[0]} - {worst.split('[')[0]}"
     closest = ", the closest" if len(others) > 1 else ""

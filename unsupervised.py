@@ -100,8 +100,7 @@ def adapt_stream(model, names, x, args, start=0, log=print):
         if args.tune != "auto_rgn":
             return torch.optim.Adam(params, args.ent_lr)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        o = rgn.AutoRGN(named, args.ent_lr, include_norm=args.rgn_include_norm,
-                        norm_names=rgn.norm_param_names(model))
+        o = rgn.AutoRGN(named, args.ent_lr, norm_names=rgn.norm_param_names(model))
         freeze_except(model, o.names)
         return o
     preds, stream, t0, nb = [], [], time.time(), math.ceil(len(x) / args.ent_batch_size)

@@ -39,7 +39,6 @@ CIFAR_RUNS = {  # name -> finetune.py flags beyond the data and source
     "prefixes": ["--tune", "layer2.0.,fc."],
     "l1": ["--tune", "l1", "--l1_lambdas", "1e-4,1e-3"],
     "auto_rgn": ["--tune", "auto_rgn"],
-    "auto_rgn_train": ["--tune", "auto_rgn", "--rgn_measure", "train", "--rgn_keep_state"],
     "auto_snr": ["--tune", "auto_snr"],
     "auto_snr_pe": ["--tune", "auto_snr", "--snr", "per_example", "--snr_n", "16"],
     "flip_fc": ["--data", "cifar_flip", "--tune", "fc"],

@@ -308,7 +308,7 @@ def test_test_split_scored_only_where_selection_can_land(source, tmp_path, monke
 
 
 def test_auto_rgn_measures_at_the_epoch_start_weights(source):
-    # --rgn_measure before (the authors'): the epoch's rates are the RGN of 5 probe batches (their own
+    # the authors' scheme: the epoch's rates are the RGN of 5 probe batches (their own
     # shuffle, seed + 1) at the weights the epoch starts from, computed here by hand, before any step.
     args = tiny_args("--tune", "auto_rgn", "--epochs", "1", "--batch_size", "4")
     splits = tiny_splits()
