@@ -72,7 +72,7 @@ def time_finetune(source, tune, splits, args, dev, cache):
     names = finetune.method_params(fargs, source, splits["train"], print)[0]
     sync(dev)
     t0 = time.time()
-    k = model.frozen_stages(source, names, splits, fargs.prefix_cache_gb, fargs.bn == "train")
+    k = model.frozen_stages(source, names, splits, fargs.prefix_cache_gb)
     cached = {s: (model.prefix(source, x, k), y) for s, (x, y) in splits.items()}
     finetune.train_one_lr(copy.deepcopy(source), names, cached, k, 1e-3, fargs)
     sync(dev)

@@ -64,9 +64,8 @@ SNR_THRESHOLD = {"eb": 0.95, "per_example": 0.2}  # the authors'; ours
 # The flags that change a run's numbers: one set away from its default tags the result's name
 NUMBER_FLAGS = ("severity", "corruption_seed", "train_n", "val_per_class", "test_per_class",
                 "split_seed", "cifar10c_dir", "lrs", "epochs", "batch_size", "wd",
-                "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "bn", "image_size",
-                "ent_lr", "ent_steps", "ent_batch_size", "episodic", "ent_copies",
-                "memo_copies", "memo_lr")
+                "l1_lambdas", "snr_threshold", "snr_n", "ckpt", "weights", "image_size",
+                "ent_lr", "ent_batch_size", "memo_copies", "memo_lr")
 
 
 def parser(d="cifar_c", objective="ce", add_help=True):
@@ -94,7 +93,6 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--epochs", type=int, help="passes over the target training set")
     a("--batch_size", type=int, default=64, help="Adam's")
     a("--wd", type=float, help="Adam's coupled weight decay")
-    a("--bn", default="eval", choices=["eval", "train"], help="BatchNorm mode")
     a("--test_every_epoch", action="store_true", help="test every epoch (same result)")
     a("--prefix_cache_gb", type=float, default=16, help="for the frozen stages' output")
     a = p.add_argument_group("automatic methods (rgn.py)").add_argument
@@ -107,10 +105,7 @@ def parser(d="cifar_c", objective="ce", add_help=True):
     a("--memo_copies", type=int, default=32, help="AugMix copies an image")
     a("--memo_lr", type=float, default=0.005, help="MEMO's SGD step")
     a("--ent_lr", type=float, default=1e-3, help="entropy: Adam lr (TENT's, one for every tune)")
-    a("--ent_steps", type=int, default=1, help="entropy: steps a batch")
     a("--ent_batch_size", type=int, default=64, help="entropy: stream batch")
-    a("--episodic", action="store_true", help="entropy: reset every batch")
-    a("--ent_copies", type=int, default=0, help="entropy: N crop+flip copies")
     a = p.add_argument_group("run").add_argument
     a("--ckpt", help="source: paper, resnet56 (downloaded once), imagenet, or a path")
     a("--weights", default="imagenet", choices=["imagenet", "none"], help="--ckpt imagenet's")
@@ -154,14 +149,14 @@ def check(args):
     except ValueError:
         bad.append(f"--lrs {args.lrs!r} and --l1_lambdas {args.l1_lambdas!r} must be lists")
     least = (args.epochs, args.batch_size, args.val_per_class, args.train_n or 1,
-             args.snr_n - 1, args.memo_copies, args.ent_steps, args.ent_batch_size)
+             args.snr_n - 1, args.memo_copies, args.ent_batch_size)
     if min(least) < 1:
         bad.append("--epochs, --batch_size, --train_n, --val_per_class, --memo_copies, "
-                   "--ent_steps, --ent_batch_size must be at least 1, --snr_n 2")
+                   "--ent_batch_size must be at least 1, --snr_n 2")
     finite = (args.wd, args.snr_threshold, args.memo_lr, args.ent_lr)
-    if (min(args.test_per_class, args.wd, args.ent_copies, args.ent_lr) < 0
+    if (min(args.test_per_class, args.wd, args.ent_lr) < 0
             or not all(math.isfinite(v) for v in finite) or args.memo_lr <= 0):
-        bad.append("--test_per_class, --wd, --ent_copies, --ent_lr must be >= 0, "
+        bad.append("--test_per_class, --wd, --ent_lr must be >= 0, "
                    "--memo_lr > 0, all finite")
     if not args.corruption:
         bad.append("--corruption is empty; give a name, a list or a preset")
@@ -279,7 +274,7 @@ def train_one_lr(net, names, splits, k, lr, args, best_val=-1.0, l1_lambda=0.0, 
         b = data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=gm)
         return itertools.islice(b, 5)
     for epoch in range(1, args.epochs + 1):
-        net.train(args.bn == "train")  # ResNet-26: no BatchNorm, no dropout
+        net.eval()  # BatchNorm keeps its statistics, as the authors' (ResNet-26: none)
         opt = method_epoch(args, net, names, lr, opt, hist, loss_of, probe_batches)
         tot, batches = 0.0, data.batches(xtr, ytr, args.batch_size, shuffle=True, generator=g)
         for step, (xb, yb) in enumerate(batches, 1):
@@ -324,7 +319,7 @@ def select(history, min_epoch=1):
 
 def grid(args, source, names, target, log):
     """Returns (history, selection, the selected model, prefix stage)."""
-    k = model.frozen_stages(source, names, target, args.prefix_cache_gb, args.bn == "train")
+    k = model.frozen_stages(source, names, target, args.prefix_cache_gb)
     splits = {s: (model.prefix(source, x, k), *rest) for s, (x, *rest) in target.items()}
     t0 = time.time()  # epoch 0 is the source: the same for every lr
     epoch0 = entry(0, None, model.evaluate(source, splits["val"], k),
@@ -403,9 +398,8 @@ def run(args, source, target, clean, corruption, acc_before, log=print):
             source_acc = model.evaluate(tuned, clean)["acc"]
     else:  # augmented copies need the images: no prefix
         k = 0
-        if args.objective == "entropy" and not args.ent_copies and names:
-            k = model.frozen_stages(source, names, {"test": target["test"]},
-                                    args.prefix_cache_gb, args.bn == "train")
+        if args.objective == "entropy" and names:
+            k = model.frozen_stages(source, names, {"test": target["test"]}, args.prefix_cache_gb)
         history, sel, source_acc = unsupervised.run(args, source, names, target["test"], clean,
                                                     k, acc_before, log)
     res = {"data": args.data, "corruption": corruption,
@@ -437,7 +431,7 @@ def run(args, source, target, clean, corruption, acc_before, log=print):
 
 
 def describe(args, source):
-    bn = "" if source.arch == "resnet26" else f", BatchNorm in {args.bn} mode"
+    bn = "" if source.arch == "resnet26" else ", BatchNorm in eval mode"
     if args.objective != "ce":
         return f"method: --tune {args.tune}; {unsupervised.describe(args)}{bn}"
     fc = f" (fc alone: {FC_LRS})" if args.data.startswith("cifar") else ""

@@ -346,11 +346,10 @@ def first_stage(names, arch="resnet26"):
     return len(STAGES[arch])
 
 
-def frozen_stages(net, names, splits, gb, batch_stats=False):
+def frozen_stages(net, names, splits, gb):
     """How many leading stages are frozen and can run once for every split: those before
-    the first tuned one, if gb GiB hold their output (ResNet-50's layer1: 1.6 MB an image).
-    0 with BatchNorm in train mode (batch_stats): the output depends on the batch."""
-    if not gb or not names or (batch_stats and net.arch != "resnet26"):
+    the first tuned one, if gb GiB hold their output (ResNet-50's layer1: 1.6 MB an image)."""
+    if not gb or not names:
         return 0
     k = first_stage(names, net.arch)
     one = [prefix(net, x[:1], k) for x, *_ in splits.values()]

@@ -12,8 +12,8 @@ mix with the cropped image. Written here batched over all copies: at
 severity 1 torchvision's AugMix has identity geometric ops.
 
 A TENT-style stream (Wang et al. 2021): the test split in a seeded order, in
-batches, each predicted then used for Adam steps on the prediction entropy
-(continual), or adapted from the source then predicted (--episodic).
+batches, each predicted, then used for one Adam step on the prediction entropy
+(continual: the steps accumulate over the stream).
 """
 import copy
 import math
@@ -33,15 +33,9 @@ def describe(args):
         return (f"MEMO: per test image (order: seed {args.seed}), from the source, "
                 f"{args.memo_copies} AugMix copies, one SGD step at lr {args.memo_lr:g} "
                 "on the entropy of their mean prediction; no label read")
-    how = "each predicted, then adapted on"
-    if args.episodic:
-        how = "each adapted from the source, then predicted"
-    loss = "prediction entropy"
-    if args.ent_copies:
-        loss = f"marginal entropy over {args.ent_copies} crop+flip copies"
-    return (f"entropy stream (order: seed {args.seed}), batches of "
-            f"{args.ent_batch_size}, {how}; {args.ent_steps} Adam step(s) at lr "
-            f"{args.ent_lr:g} on the {loss}; no label read")
+    return (f"entropy stream (order: seed {args.seed}), batches of {args.ent_batch_size}, "
+            f"each predicted, then adapted on; one Adam step at lr {args.ent_lr:g} on the "
+            "prediction entropy; no label read")
 
 
 def run(args, source, names, test, clean, k, acc_before, log=print):
@@ -71,12 +65,9 @@ def run(args, source, names, test, clean, k, acc_before, log=print):
 # -----------------------------------------------------------------------------
 # the TENT-style stream
 
-def entropy(logits, n_aug=0):
-    """Mean entropy (nats) of the softmax of (B, C) logits, TENT's loss.
-    n_aug: rows are n_aug copy-major blocks; each image's mean prediction."""
+def entropy(logits):
+    """Mean entropy (nats) of the softmax of (B, C) logits, TENT's loss."""
     logp = logits.float().log_softmax(1)
-    if n_aug:  # log mean softmax, (B, C)
-        logp = logp.view(n_aug, -1, logp.shape[1]).logsumexp(0) - math.log(n_aug)
     return -(logp.exp() * logp).sum(1).mean()
 
 
@@ -92,39 +83,23 @@ def adapt_stream(model, names, x, args, start=0, log=print):
     """Entropy minimisation of model's named parameters, in place, over the
     stream x (stage-`start` inputs) in order. Returns (predictions (N,),
     [{"batch", "n", "entropy" of the scored predictions, "seconds"}])."""
-    params = freeze_except(model, names)
-    src, opt = [p.detach().clone() for p in params], None
-    g = torch.Generator(x.device).manual_seed(args.seed)
-
-    def new_opt():  # auto_rgn: rates from the first 5 steps after a reset
-        if args.tune != "auto_rgn":
-            return torch.optim.Adam(params, args.ent_lr)
+    params, opt = freeze_except(model, names), None
+    if names and args.tune == "auto_rgn":  # rates from the stream's first 5 steps
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        o = rgn.AutoRGN(named, args.ent_lr, norm_names=rgn.norm_param_names(model))
-        freeze_except(model, o.names)
-        return o
+        opt = rgn.AutoRGN(named, args.ent_lr, norm_names=rgn.norm_param_names(model))
+        freeze_except(model, opt.names)
+    elif names:
+        opt = torch.optim.Adam(params, args.ent_lr)
     preds, stream, t0, nb = [], [], time.time(), math.ceil(len(x) / args.ent_batch_size)
     for i, xb in enumerate(x.split(args.ent_batch_size)):
-        if names and (opt is None or args.episodic):  # the source, fresh Adam
-            with torch.no_grad():
-                for p, p0 in zip(params, src):
-                    p.copy_(p0)
-            opt = new_opt()
-        if not args.episodic:  # continual: scored before its updates
-            pred, ent = predict(model, xb, start)
-        for _ in range(args.ent_steps if names else 0):
-            model.train(args.bn == "train")  # TENT proper: --bn train
-            xa = xb
-            if args.ent_copies:
-                xa = torch.cat([crop_flip(xb, generator=g) for _ in range(args.ent_copies)])
+        pred, ent = predict(model, xb, start)  # scored before its own update
+        if opt is not None:  # in eval mode: BatchNorm keeps its statistics
             with autocast(x.device):
-                loss = entropy(model(xa, start=start), args.ent_copies)
+                loss = entropy(model(xb, start=start))
             finite(loss, f"stream batch {i + 1}", "Try a smaller --ent_lr.")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if args.episodic:
-            pred, ent = predict(model, xb, start)
         preds.append(pred)
         el = time.time() - t0
         stream.append({"batch": i, "n": len(xb), "entropy": ent, "seconds": el})

@@ -47,8 +47,6 @@ CIFAR_RUNS = {  # name -> finetune.py flags beyond the data and source
     "memo": ["--objective", "memo", "--tune", "layer1", "--memo_copies", "4",
              "--test_per_class", "2"],
     "entropy": ["--objective", "entropy", "--tune", "layer1"],
-    "entropy_copies": ["--objective", "entropy", "--tune", "all", "--ent_copies", "2",
-                       "--episodic"],
     "entropy_rgn": ["--objective", "entropy", "--tune", "auto_rgn"],
 }
 

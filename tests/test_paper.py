@@ -135,7 +135,7 @@ def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
     splits = {"train": (x[:32], 9 - y[:32]), "val": (x[32:40], 9 - y[32:40]), "test": (x[40:], 9 - y[40:])}
     args = P.parse_args(["--tune", "layer2", "--epochs", "1", "--batch_size", "16", "--device", "cpu"])
     names = tune_names(net, "layer2")
-    k = M.frozen_stages(net, names, splits, args.prefix_cache_gb, args.bn == "train")
+    k = M.frozen_stages(net, names, splits, args.prefix_cache_gb)
     assert k == 2  # conv1 and block1 computed once: exact, BatchNorm in eval mode
     before = {n: t.clone() for n, t in net.state_dict().items()}
     cached = {s: (M.prefix(net, a, k), b) for s, (a, b) in splits.items()}
