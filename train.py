@@ -6,7 +6,7 @@ the paper's own); this is for your own source models.
     python train.py              # ResNet-26 on CIFAR-10: SGD 0.1, 75 epochs,
                                  # lr x0.1 at 50 and 65 -> ckpt/source.pt
     python train.py --small      # CPU scale: 15 epochs on 4,000 images
-    python train.py --data waterbirds --data_dir DIR   # ResNet-50
+    python train.py --data waterbirds --data_dir DIR   # ResNet-50 -> ckpt/waterbirds.pt
     python train.py --resume     # continue a killed run (ckpt/source.pt.state)
 
 A run diverges, stops with one line and writes nothing when a step's loss is
@@ -75,7 +75,8 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile (CUDA only)")
     a("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU (AMX)")
-    a("--out", default="ckpt/source.pt", help="checkpoint, written atomically")
+    a("--out", help="checkpoint, written atomically (default: ckpt/source.pt for cifar10, "
+      "else ckpt/<data>.pt, where finetune.py looks)")
     a("--resume", action="store_true", help="continue from <out>.state (saved "
       "every epoch) to the weights of an uninterrupted run")
     args = p.parse_args(argv)
@@ -86,6 +87,7 @@ def parse_args(argv=None):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     args.image_size = args.image_size or 224
+    args.out = args.out or ("ckpt/source.pt" if args.data == "cifar10" else f"ckpt/{args.data}.pt")
     if not args.milestones:
         args.milestones = f"{round(args.epochs * 2 / 3)},{round(args.epochs * 13 / 15)}"
     if min(args.epochs, args.batch_size) < 1 or min(args.limit, args.holdout) < 0:

@@ -61,3 +61,12 @@ def test_small_mode_defaults_and_overrides():
     assert (a.epochs, a.limit, a.milestones) == (15, 4000, "10,13")
     assert train.parse_args(["--small", "--epochs", "3"]).epochs == 3
     assert train.parse_args([]).milestones == "50,65"
+
+
+def test_a_source_lands_where_finetune_looks_for_it():
+    # README: "python train.py --data tiny_breeds && python finetune.py --data tiny_breeds ..."
+    import finetune
+    assert train.parse_args([]).out == "ckpt/source.pt"
+    for data in set(train.RECIPES) - {"cifar10"}:
+        assert train.parse_args(["--data", data]).out == finetune.PROTOCOL[data]["ckpt"], data
+    assert train.parse_args(["--data", "celeba", "--out", "x.pt"]).out == "x.pt"
