@@ -71,8 +71,9 @@ def read_images(paths, size=224, cache_dir=None, threads=8, crop=True):
         if cached is not None:
             return cached
     x = torch.empty((n, 3, size, size), dtype=torch.uint8)  # no second copy
-    import torchvision.io, torchvision.transforms.v2  # noqa: F401, E401  here, not in 8
-    pool = ThreadPoolExecutor(threads)  # threads at once: that can fail half-imported
+    import torchvision.io  # noqa: F401  imported here: 8 threads importing it at once
+    import torchvision.transforms.v2  # noqa: F401  can fail half-initialised
+    pool = ThreadPoolExecutor(threads)
     try:  # map re-raises a worker's SystemExit
         for i, img in enumerate(pool.map(_read_image, paths, [size] * n, [crop] * n)):
             x[i] = img

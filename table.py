@@ -309,15 +309,15 @@ def versus_paper(s, res):
         {k[2][k[2].index("["):] for k in res if k[0] == data[c] and "[" in k[2]})
         if set(re.findall(r"(?:\[|,)(\w+)=", t)) <= set(VARIATIONS)]
     for c, tag in runs:
-        best, others = ("layer1" if c.startswith("CIFAR-C") else "fc"), None
+        best = "layer1" if c.startswith("CIFAR-C") else "fc"
+        others = [b for b in blocks() + ("all",) if b != best]
+        want = "above every other block and all"
         if c == "Tiny-BREEDS":  # a middle block: the better of layer2 and layer3 against all
             mids = [(sum(d) / len(d), b) for b in ("layer2", "layer3")
                     if (d := diffs(res, data[c], b + tag, "all" + tag))]
             best, others = max(mids or [(0, "layer2")])[1], ["layer1", "fc", "all"]
-        if not tag:  # the best block above every other one, and above all
-            want = "a middle block above layer1, fc and all" if others else \
-                "above every other block and all"
-            others = others or [b for b in blocks() + ("all",) if b != best]
+            want = "a middle block above layer1, fc and all"
+        if not tag:  # the best block above the others, and above all
             lines += claim(res, data[c], c, best, others, want)
         lines += claim(res, data[c], c + tag, best + tag, ["all" + tag], "above all")
         lines += claim(res, data[c], c + tag, "auto_rgn" + tag, ["all" + tag], "at or above all")
