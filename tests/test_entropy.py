@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import common as C
 import corruptions
 import finetune as FT
 import model as M

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import checkpoints as CK
-import common as C
 import imagenet as family
 import finetune as FT
 import model as M
