@@ -14,7 +14,6 @@ import checkpoints
 import common
 import data
 import finetune
-import model
 import table
 import train
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common as C
 import corruptions
 import data
 import finetune as FT

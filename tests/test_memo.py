@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import finetune as FT
 import finetune as P
 import unsupervised as memo
 from tinydata import make_images, narrow_resnet26, tune_names

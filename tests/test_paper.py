@@ -10,7 +10,6 @@ from tinydata import tune_names, one_lr
 import torch
 
 import checkpoints as CK
-import common as C
 import model as M
 import finetune as P
 import model as wrn
@@ -120,7 +119,6 @@ def test_wrn28_10_has_robustbench_names_and_a_disjoint_block_table():
 
 
 def test_robustbench_file_loads_and_only_the_tuned_block_moves(tmp_path):
-    import finetune as FT
     from tinydata import make_images
     torch.manual_seed(0)
     small = wrn.WideResNet28(10, depth=10, width=1)  # one unit a block: same names, same code paths
