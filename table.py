@@ -1,6 +1,5 @@
 """
-The paper's table (PROTOCOL.md section 7), its Figure 2 as numbers and its
-claims, from finetune.py's result files.
+The paper's table (PROTOCOL.md section 7), Figure 2 as numbers and the claims.
 
     python table.py                          # results/*.json -> results/table.md
     python table.py --results results/paper  # our measured runs (RESULTS.md)
@@ -10,8 +9,8 @@ seed's value is its mean over the column's corruptions. Cross-Val: per
 (dataset, seed), the block whose val accuracy averaged over the corruptions
 is best (ties: block order), at its test accuracy. Avg Rank ranks Full FT,
 L1, Auto-SNR and Auto-RGN on the rounded means (ties share the better rank).
-A cell missing some (corruption, seed) that its column has elsewhere is
-marked *. Only *.json is read: a killed run's temp file never is.
+A cell missing some (corruption, seed) that its column has elsewhere, or a
+Cross-Val missing a block, is marked *. Only *.json is read.
 """
 import argparse
 import glob
@@ -142,8 +141,10 @@ def summarize(res):
         out["picks"][col] = picks
         out["tunes"][col] = {t: cell(a, len(grid)) for t, a in acc.items()
                              if not t.startswith("crossval")}
-        for row, tune in ROWS.items():
-            out["cells"][(row, col)] = cell(acc.get(tune, {}), len(grid))
+        partial = not {"layer1", "layer2", "layer3", "fc"} <= set(cands)  # a block never ran
+        for row, tune in ROWS.items():  # a partial Cross-Val: marked not complete
+            c = cell(acc.get(tune, {}), len(grid))
+            out["cells"][(row, col)] = c and (*c[:3], c[3] and not (partial and "crossval" in tune))
         full = acc.get("all", {})
         for b in blocks():  # Figure 2: per (corruption, seed) differences to all
             d = [v - full[k] for k, v in sorted(acc.get(b, {}).items()) if k in full]
@@ -203,17 +204,16 @@ def render(res, notes, folder):
         cells = [fmt(s["cells"][(row, c)]) if c in s["grid"] else "no data" for c in cols]
         lines.append(f"| {row} | {' | '.join(cells)} | {'-' if r is None else f'{r:.2f}'} |")
     lines += ["", "std: sample standard deviation over seeds. * = not complete: some "
-              "(corruption, seed) runs that the column has for other methods are missing "
-              "here; the cell averages what there is, and Avg Rank leaves it out."]
+              "(corruption, seed) runs that the column has for other methods, or (Cross-Val) "
+              "a block it picks from, are missing here; Avg Rank leaves it out."]
     for col, (cs, seeds) in s["grid"].items():
         ranked = sorted(s["picks"][col].items(), key=lambda x: blocks().index(x[0]))
         picks = ", ".join(f"{b} x{n}" for b, n in ranked)
         lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} "
                      f"corruption(s): {', '.join(cs)}; Cross-Val picked {picks or 'nothing'}")
     if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):
-        lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric "
-                     "there), selected on worst-group val accuracy; each result's "
-                     "test_avg_acc holds the average over the 4 groups.")
+        lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), "
+                     "selected on worst-group val; test_avg_acc: the 4 groups' average.")
     for key in SAME:  # protocols averaged together in a column: say so
         for col, data in {**COLUMNS, **EXTRA}.items():
             seen = sorted({repr(v) for k, r in res.items() if k[0] == data

@@ -90,6 +90,16 @@ def test_crossval_needs_every_block(cifar):
     assert not complete and n == 3 and mean == pytest.approx(((60 + 86) / 2 + (61 + 86) / 2 + 62) / 3)
 
 
+def test_crossval_missing_a_block_is_marked(cifar):
+    res, _ = table.load(str(cifar))
+    cells = table.summarize(res)["cells"]
+    # CIFAR-F ran fc alone of the four blocks: its Cross-Val picks from one block and says so (*)
+    assert cells[("Cross-Val", "CIFAR-F")] == (93.8, None, 1, False)
+    assert cells[("Cross-Val", "CIFAR-C")][3] and cells[("Full Fine-Tuning", "CIFAR-F")][3]
+    md = table.render(res, [], "r")
+    assert "| Cross-Val | 97.5 (0.0) | no data | no data | no data | 93.8 (-)* |" in md
+
+
 def test_avg_rank_on_the_papers_table(tmp_path):
     for tune, accs in PAPER.items():
         for data, acc in zip(table.COLUMNS.values(), accs):
