@@ -444,9 +444,9 @@ def figure(res, s, path):
                              squeeze=False)
     for ax, c in zip(axes[-1], cols if rows == 2 else []):  # the lower row: Auto-RGN's rates
         m = rates.get(c, ({}, 0, 0))[0]
-        ax.bar(list(m), list(m.values()), color="#999933")
+        ax.bar(list(m) or [""], list(m.values()) or [0], color="#999933")  # none: empty
         ax.set_ylim(0, 1)
-        ax.set_title(f"{c}: Auto-RGN's rate", fontsize=9)
+        ax.set_title(f"{c}: Auto-RGN's rate" + ("" if m else " (not run)"), fontsize=9)
         ax.tick_params(labelsize=8)
     for ax, c in zip(axes[0], cols):
         bs = [b for b in blocks() if s["fig2"].get((b, c))]
