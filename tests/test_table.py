@@ -3,6 +3,7 @@ order), incomplete cells, the Avg Rank rule on the paper's own table, "no data" 
 numbers."""
 import json
 import os
+import re
 
 import pytest
 
@@ -234,7 +235,8 @@ def test_an_unwritable_out_is_one_line(cifar):
 
 def test_the_documents_show_the_committed_results():
     """results/paper/table.md is what the committed JSONs render to, and every results table
-    in README.md and RESULTS.md (first column Method, Tune or Column) is one of it, verbatim."""
+    in README.md and RESULTS.md (first column Method, Tune or Column) is one of it, verbatim,
+    and so is every note line under the main table ("std: ...", "- <column>: seeds ...")."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res, notes = table.load(os.path.join(here, "results", "paper"))
     md = table.render(res, notes, "results/paper")
@@ -250,6 +252,9 @@ def test_the_documents_show_the_committed_results():
                 block = []
         ours = [b for b in blocks if b.startswith(("| Method |", "| Tune |", "| Column |"))]
         assert ours and all(b in md for b in ours), f"{doc}'s tables are {fix}"
+        notes = [l for l in open(os.path.join(here, doc)).read().splitlines()
+                 if l.startswith("std: sample standard") or re.match(r"- [\w -]+: seeds \d", l)]
+        assert all(l in md.splitlines() for l in notes), f"{doc}'s table notes are {fix}"
 
 
 def test_the_figure_draws_from_results(cifar):
