@@ -384,8 +384,8 @@ def claim(res, data, column, tune, others, want):
         if min(map(len, ds)) > 1:
             per.append(f"seed {s} {judge([interval(d)[1:] for d in ds])}")
     name = f"{tune.split('[')[0]} - {worst.split('[')[0]}"
-    closest = ", the closest" if len(others) > 1 else ""
-    return [f"- {column}: {name} {fmt_ci(*cis[worst])} ({n} pairs{closest}); the paper: "
+    closest = (" pair" if n == 1 else " pairs") + (", the closest" if len(others) > 1 else "")
+    return [f"- {column}: {name} {fmt_ci(*cis[worst])} ({n}{closest}); the paper: "
             f"{want} -> {judge([ci[1:] for ci in cis.values()])}"
             + (f" ({', '.join(per)})" if per else "")]
 

@@ -137,7 +137,7 @@ def test_quick_runs_get_their_own_rows_and_a_tie_is_a_tie(tmp_path):
     for t, acc in (("layer1", 50.0), ("fc", 60.0), ("all", 60.0)):  # protocol runs
         put(str(tmp_path), t, acc, 50.0)
     md = table.main(["--results", str(tmp_path)])
-    assert "- CIFAR-F: fc - all +0.0 [one pair] (1 pairs); the paper: above all -> not " \
+    assert "- CIFAR-F: fc - all +0.0 [one pair] (1 pair); the paper: above all -> not " \
            "resolved" in md  # a tie never holds
 
 

@@ -167,7 +167,7 @@ def test_beside_the_paper_verdicts_and_claims(cifar):
     # CIFAR-F: one seed, one pair each: no interval, nothing resolved
     line = [ln for ln in md.splitlines() if ln.startswith("- CIFAR-C: layer1 - layer2 -18.5 [")]
     assert line and line[0].split(" -> ")[1].startswith("not resolved")
-    assert "- CIFAR-F: auto_rgn - all +1.8 [one pair] (1 pairs); the paper: at or above all -> " \
+    assert "- CIFAR-F: auto_rgn - all +1.8 [one pair] (1 pair); the paper: at or above all -> " \
            "not resolved" in md
 
 
@@ -208,7 +208,7 @@ def test_claims_are_checked_again_under_each_variation(cifar):
     assert ("- CIFAR-C[lrs=1e-1,1e-3]: layer1 - all -0.5 [-6.9, +5.9] (2 pairs); the paper: above "
             "all -> not resolved") in md
     assert "- CIFAR-C[lrs=1e-1,1e-3]: auto_rgn - all -0.5 [-32.3, +31.3] (2 pairs)" in md
-    assert ("- CIFAR-C[split_seed=1]: auto_rgn - all +0.0 [one pair] (1 pairs); the paper: at or "
+    assert ("- CIFAR-C[split_seed=1]: auto_rgn - all +0.0 [one pair] (1 pair); the paper: at or "
             "above all -> not resolved") in md
     assert "CIFAR-C[split_seed=1]: layer1" not in md  # no layer1 run under that split
     # the protocol runs' own cells and claims are unchanged by the variations beside them: seed 5 is no
