@@ -252,9 +252,9 @@ def test_the_documents_show_the_committed_results():
                 block = []
         ours = [b for b in blocks if b.startswith(("| Method |", "| Tune |", "| Column |"))]
         assert ours and all(b in md for b in ours), f"{doc}'s tables are {fix}"
-        notes = [l for l in open(os.path.join(here, doc)).read().splitlines()
+        said = [l for l in open(os.path.join(here, doc)).read().splitlines()
                  if l.startswith("std: sample standard") or re.match(r"- [\w -]+: seeds \d", l)]
-        assert all(l in md.splitlines() for l in notes), f"{doc}'s table notes are {fix}"
+        assert all(l in md.splitlines() for l in said), f"{doc}'s table notes are {fix}"
 
 
 def test_the_figure_draws_from_results(cifar):
