@@ -170,9 +170,15 @@ def claim(path):
     """Yields True if this process may make path, False when it exists or
     another process holds its lock (<folder>/.locks/<name>; a kill frees it)."""
     folder = os.path.join(os.path.dirname(path), ".locks")
-    os.makedirs(folder, exist_ok=True)
     name = os.path.join(folder, os.path.basename(path))
-    with open(name, "a") as lock:
+    for _ in range(100):  # another claimer may remove the empty folder between our two steps
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
+            os.makedirs(folder, exist_ok=True)
+            lock = open(name, "a")
+            break
+    else:
+        lock = open(name, "a")  # the folder is not coming back: say why
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -3,6 +3,7 @@ mid-way and the re-run that finishes only the missing runs (nothing repeated,
 nothing lost), two workers that never run a run twice, a failing run, the
 family columns' flags, and slurm/submit.sh against a stand-in sbatch. Each
 (dataset, tune, seed) is one finetune.py process (~3 s, mostly imports)."""
+import multiprocessing
 import os
 import signal
 import stat
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+import common
 import table
 import train
 from tinydata import untag, write_cifar
@@ -84,6 +86,27 @@ def test_kill_then_resume_repeats_nothing_and_loses_nothing(env, tmp_path):
     assert made() - made_before == len(RUNS) - len(before)  # each made once
     assert "| all[" in table.main(["--results", env["RESULTS"]])  # quick runs: rows of their own
     assert not os.path.exists(os.path.join(env["RESULTS"], ".locks"))
+
+
+def hammer(folder):  # claims of finished runs, as a worker skipping them makes
+    for k in range(1000):
+        with common.claim(os.path.join(folder, f"r{k % 4}.json")) as mine:
+            assert not mine
+
+
+def test_workers_skipping_done_runs_do_not_trip_over_the_lock_folder(tmp_path):
+    """Each claimer removes the lock folder when it empties; another one may be
+    between making the folder and opening its lock in it at that moment."""
+    for k in range(4):
+        (tmp_path / f"r{k}.json").write_text("{}")
+    procs = [multiprocessing.get_context("fork").Process(target=hammer, args=(str(tmp_path),))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert not (tmp_path / ".locks").exists()
 
 
 def stand_in(tmp_path, name, script):
