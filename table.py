@@ -4,19 +4,19 @@ The paper's table (PROTOCOL.md section 7), Figure 2 as numbers and the claims.
     python table.py                          # results/*.json -> results/table.md
     python table.py --results results/paper  # our measured runs (RESULTS.md)
 
-A cell is the mean (sample std, n - 1) over seeds of target test accuracy; a
-seed's value is its mean over the column's corruptions. Cross-Val: per
-(dataset, seed), the block whose val accuracy averaged over the corruptions
-is best (ties: block order), at its test accuracy. Avg Rank ranks Full FT,
-L1, Auto-SNR and Auto-RGN on the rounded means (ties share the better rank).
-A cell missing some (corruption, seed) that its column has elsewhere, or a
-Cross-Val missing a block, is marked *. Only *.json is read.
+A cell is the mean (sample std, n - 1) over seeds of target test accuracy; a seed's value is its mean
+over the column's corruptions (a seed that ran only some of them stays out of the cells; its pairs count
+in the intervals). Cross-Val: per (dataset, seed), the block whose val accuracy averaged over the
+corruptions is best (ties: block order), at its test accuracy. Avg Rank ranks Full FT, L1, Auto-SNR and
+Auto-RGN on the rounded means (ties share the better rank). A cell missing some (corruption, seed) that
+its column has elsewhere, or a Cross-Val missing a block, is marked *. Only *.json is read.
 """
 import argparse
 import glob
 import json
 import math
 import os
+import pathlib
 import re
 import statistics
 from collections import Counter
@@ -64,8 +64,7 @@ def load(folder):
         try:
             with open(path) as f:
                 r = json.load(f)
-            keys = {"data", "corruption", "tune", "seed", "test_acc"}
-            if not isinstance(r, dict) or not keys <= set(r):
+            if not isinstance(r, dict) or not {"data", "corruption", "tune", "seed", "test_acc"} <= set(r):
                 raise KeyError("the keys of a result")
             settings(r)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -96,25 +95,31 @@ def load(folder):
     return res, notes
 
 
-def cell(vals, n_expected):
-    """{(corruption, seed): acc} -> (mean over seeds of the seed means, std
-    or None, seeds, complete) or None."""
-    by_seed = {}
+def whole(grid):
+    """The seeds of grid [(corruption, seed)] that have all its corruptions (all, if none has)."""
+    cs, seeds = {c for c, _ in grid}, {s for _, s in grid}
+    return {s for s in seeds if all((c, s) in grid for c in cs)} or seeds
+
+
+def cell(vals, grid):
+    """{(corruption, seed): acc} -> (mean over seeds of the seed means, std or None, seeds,
+    complete) or None, over the seeds whole(grid) keeps."""
+    by_seed, full = {}, whole(grid)
     for (_, s), v in vals.items():
         by_seed.setdefault(s, []).append(v)
-    if not by_seed:
+    m = [sum(v) / len(v) for s, v in by_seed.items() if s in full]
+    if not m:
         return None
-    m = [sum(v) / len(v) for v in by_seed.values()]
     std = statistics.stdev(m) if len(m) > 1 else None
-    return sum(m) / len(m), std, len(m), len(vals) == n_expected
+    return sum(m) / len(m), std, len(m), all(k in vals for k in grid if k[1] in full)
 
 
 def summarize(res):
-    """{"cells": {(row, column): cell}, "fig2": {(block, column): cell},
-    "ranks": {row: avg rank}, "picks": {column: Counter of blocks},
-    "grid": {column: (corruptions, seeds)}, "tunes": {column: {tune: cell}}}.
-    A column's expected grid is what its main-settings results cover."""
-    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}, "rgn": {}}
+    """{"cells": {(row, column): cell}, "fig2": {(block, column): cell}, "ranks": {row: avg rank},
+    "picks": {column: Counter of blocks}, "grid": {column: (corruptions, seeds)}, "part": {column:
+    seeds left out of the cells}, "tunes": {column: {tune: cell}}}. A column's expected grid is what
+    its main-settings results cover."""
+    out = {"cells": {}, "fig2": {}, "picks": {}, "grid": {}, "tunes": {}, "rgn": {}, "part": {}}
     for col, data in {**COLUMNS, **EXTRA}.items():
         rs = {k[1:]: r for k, r in res.items() if k[0] == data}  # (c, tune, seed)
         if not rs:
@@ -122,6 +127,7 @@ def summarize(res):
         grid = sorted({(c, s) for (c, _, s), r in rs.items() if r.get("main_settings", True)}
                       or {(c, s) for c, _, s in rs})
         out["grid"][col] = (sorted({c for c, _ in grid}), sorted({s for _, s in grid}))
+        out["part"][col] = sorted({s for _, s in grid} - whole(grid))
         acc = {t: {(c, s): r["test_acc"] for (c, t_, s), r in rs.items() if t_ == t}
                for t in {k[1] for k in rs}}
         cands = [b for b in blocks() if b in acc]  # the blocks this column has
@@ -139,11 +145,11 @@ def summarize(res):
                 best = max(cands, key=lambda b: (rs[(c, b, s)]["val_acc"], -cands.index(b)))
                 acc["crossval_c"][(c, s)] = rs[(c, best, s)]["test_acc"]
         out["picks"][col] = picks
-        out["tunes"][col] = {t: cell(a, len(grid)) for t, a in acc.items()
+        out["tunes"][col] = {t: cell(a, grid) for t, a in acc.items()
                              if not t.startswith("crossval")}
         partial = not {"layer1", "layer2", "layer3", "fc"} <= set(cands)  # a block never ran
         for row, tune in ROWS.items():  # a partial Cross-Val: marked not complete
-            c = cell(acc.get(tune, {}), len(grid))
+            c = cell(acc.get(tune, {}), grid)
             out["cells"][(row, col)] = c and (*c[:3], c[3] and not (partial and "crossval" in tune))
         full = acc.get("all", {})
         for b in blocks():  # Figure 2: per (corruption, seed) differences to all
@@ -165,9 +171,7 @@ def rgn_rates(res, s):
     out = {}
     for col, data in {**COLUMNS, **EXTRA}.items():
         firsts, agree = [], 0
-        for k, r in res.items():
-            if k[0] != data or k[2] != "auto_rgn":
-                continue
+        for k, r in [(k, r) for k, r in res.items() if k[0] == data and k[2] == "auto_rgn"]:
             h = next((h for h in r.get("history", []) if h.get("lr") == r["selected"]["lr"]
                       and h.get("rgn")), None)  # the selected lr's
             if not h:
@@ -209,7 +213,9 @@ def render(res, notes, folder):
     for col, (cs, seeds) in s["grid"].items():
         ranked = sorted(s["picks"][col].items(), key=lambda x: blocks().index(x[0]))
         picks = ", ".join(f"{b} x{n}" for b, n in ranked)
-        lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}; {len(cs)} "
+        few = ", ".join(map(str, s["part"][col]))
+        few = f" ({few} on some corruptions only: in the intervals, not the means)" if few else ""
+        lines.append(f"- {col}: seeds {', '.join(map(str, seeds))}{few}; {len(cs)} "
                      f"corruption(s): {', '.join(cs)}; Cross-Val picked {picks or 'nothing'}")
     if any(r.get("metric", "accuracy") != "accuracy" for r in res.values()):
         lines.append("- Waterbirds, CelebA: worst-group test accuracy (the paper's metric there), "
@@ -332,9 +338,9 @@ def versus_paper(s, res):
 
 
 # t quantiles (0.975) for 1..30 degrees of freedom; beyond, z with a first-order correction
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
 
 
 def interval(d):
@@ -422,8 +428,8 @@ def unsupervised(res):
 
             def part(keep):
                 return cell({k: v for k, v in acc.items() if keep(k[0])},
-                            sum(keep(g[0]) for g in grid))
-            cells = [part(lambda c: c in every), cell(acc, len(grid))]
+                            {g for g in grid if keep(g[0])})
+            cells = [part(lambda c: c in every), cell(acc, grid)]
             cells += [part(lambda c, n=n: c == n) for n in named]
             lines.append(f"| {t} | {' | '.join(map(fmt, cells))} |")
     return lines
@@ -460,17 +466,11 @@ def figure(res, s, path):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_title(c, fontsize=10)
         ax.tick_params(labelsize=8)
-    axes[0][0].set_ylabel("accuracy - full fine-tuning (%)", fontsize=8)
-    axes[-1][0].set_ylabel("lr multiplier, first epoch" if rows == 2 else axes[0][0].get_ylabel(),
-                           fontsize=8)
+    for ax, label in zip(axes[:, 0], ("accuracy - full fine-tuning (%)", "lr multiplier, first epoch")):
+        ax.set_ylabel(label, fontsize=8)
     fig.tight_layout()
     common.atomic_save(fig, path, lambda f, tmp: f.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-
-
-def write(text, path):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def main(argv=None):
@@ -486,7 +486,7 @@ def main(argv=None):
     md = render(res, notes, args.results)
     out = args.out or os.path.join(args.results, "table.md")
     common.check_writable(out, "--out")
-    common.atomic_save(md, out, write=write)
+    common.atomic_save(md, out, lambda t, tmp: pathlib.Path(tmp).write_text(t))
     print(md, end="")
     print(f"written to {out}")
     if args.figure:

@@ -78,6 +78,21 @@ def test_means_stds_crossval_and_flags(cifar):
                           "Auto-RGN": 1.0}
 
 
+def test_a_seed_with_some_corruptions_counts_in_the_pairs_not_the_means(cifar):
+    """Seed 3 ran frost alone: its seed mean (frost only) would drag the column's mean and std, so the
+    means keep seeds 0-2; the Figure-2 pairs take it in, and the seeds' note says so."""
+    for t, v in (("none", 50.0), ("all", 40.0), ("layer1", 90.0), ("layer2", 10.0), ("layer3", 10.0),
+                 ("fc", 10.0)):
+        put(str(cifar), "cifar_c", "frost", t, 3, v)
+    res, _ = table.load(str(cifar))
+    s = table.summarize(res)
+    assert s["cells"][("Full Fine-Tuning", "CIFAR-C")] == pytest.approx((76.0, 1.0, 3, True))
+    assert s["cells"][("L1 Regularize", "CIFAR-C")] == (81.0, None, 1, False)
+    assert s["fig2"][("layer1", "CIFAR-C")][0] == pytest.approx((6 * 3.0 + 50) / 7)
+    assert ("- CIFAR-C: seeds 0, 1, 2, 3 (3 on some corruptions only: in the intervals, not the means); "
+            "2 corruption(s)") in table.render(res, [], "r")
+
+
 def test_crossval_needs_every_block(cifar):
     os.remove(cifar / "cifar_c-snow-layer2-s2.json")
     res, _ = table.load(str(cifar))
