@@ -267,6 +267,7 @@ def test_the_documents_show_the_committed_results():
                 block = []
         ours = [b for b in blocks if b.startswith(("| Method |", "| Tune |", "| Column |"))]
         assert ours and all(b in md for b in ours), f"{doc}'s tables are {fix}"
+        assert len(set(ours)) == len(ours), f"{doc} shows a table twice: one has overwritten another"
         said = [l for l in open(os.path.join(here, doc)).read().splitlines()
                  if l.startswith("std: sample standard") or re.match(r"- [\w -]+: seeds \d", l)]
         assert all(l in md.splitlines() for l in said), f"{doc}'s table notes are {fix}"
