@@ -81,11 +81,13 @@ def test_kill_then_resume_repeats_nothing_and_loses_nothing(env, tmp_path):
     second = sweep(env, "runs", JOBS="2")  # again, with two workers
     assert second.returncode == 0, second.stdout + second.stderr
     after = results(env["RESULTS"])
-    assert sorted(after) == sorted(RUNS)  # nothing lost
-    assert all(after[r] == t for r, t in before.items())  # nothing repeated
-    assert made() - made_before == len(RUNS) - len(before)  # each made once
+    why = f"before {sorted(before)}, made before {made_before}\n{second.stdout}"  # if it fails
+    assert sorted(after) == sorted(RUNS), why  # nothing lost
+    assert all(after[r] == t for r, t in before.items()), why  # nothing repeated
+    assert made() - made_before == len(RUNS) - len(before), why  # each made once
     assert "| all[" in table.main(["--results", env["RESULTS"]])  # quick runs: rows of their own
-    assert not os.path.exists(os.path.join(env["RESULTS"], ".locks"))
+    locks = os.path.join(env["RESULTS"], ".locks")
+    assert not os.path.exists(locks), os.listdir(locks)
 
 
 def hammer(folder):  # claims of finished runs, as a worker skipping them makes
